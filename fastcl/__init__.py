@@ -1,0 +1,22 @@
+"""fastcl: fused, exact kernels for contrastive and self-supervised representation learning.
+
+Importing fastcl never touches CUDA and never imports triton; kernels load on first use.
+"""
+from fastcl.losses import (
+    InfoNCELoss,
+    NTXentLoss,
+    SupConLoss,
+    info_nce,
+    info_nce_ref,
+    nt_xent,
+    nt_xent_ref,
+    supcon,
+    supcon_ref,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfoNCELoss", "NTXentLoss", "SupConLoss",
+    "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "supcon", "supcon_ref",
+]

@@ -1,0 +1,69 @@
+"""Argument checks shared by the functional API: each error names the argument and what was expected,
+and fires before any kernel runs."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def embeddings(name: str, x, ndim: int = 2) -> Tensor:
+    """x must be a non-empty floating tensor with `ndim` dimensions."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_device(**tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on the same device, got {listed}")
+
+
+def same_dtype(**tensors: Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n} is {d}" for n, d in dtypes.items())
+        raise TypeError(f"tensors must have the same dtype, got {listed}")
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def positive_scalar(name: str, value) -> None:
+    """A float, or a 0-dim floating tensor; its value is checked unless that would cost a host
+    sync (a CUDA tensor) or a graph break (under torch.compile)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {value.dtype} "
+                            f"tensor of shape {tuple(value.shape)}")
+        if value.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = float(value.detach())
+    elif isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def inverse_temperature(temperature, device: torch.device) -> Tensor:
+    """scale = 1 / temperature as a 0-dim float32 tensor on `device`, differentiable in temperature."""
+    positive_scalar("temperature", temperature)
+    if isinstance(temperature, Tensor):
+        return (1.0 / temperature.to(device=device, dtype=torch.float32))
+    return torch.full((), 1.0 / float(temperature), dtype=torch.float32, device=device)

@@ -1,0 +1,325 @@
+"""Contrastive losses: NT-Xent (SimCLR, InvaSpread), InfoNCE (MoCo, CLIP, CMC, CPC) and supervised
+contrastive (SupCon), as functions and as drop-in ``nn.Module``s.
+
+Each is ``lse(similarities) - positive term`` per anchor: the lse comes from the fused ops in
+fastcl.ops.contrastive (never materializing the similarity matrix), the O(N * D) positive terms
+from plain torch. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32 loss,
+gradients in the input dtype) or float64 (computed by the reference, for testing).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcl import _checks
+from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
+from fastcl.ops.contrastive import cross_lse, gram_lse
+
+Temperature = Union[float, Tensor]
+
+
+def _embed(x: Tensor, normalize: bool) -> Tensor:
+    """Rows L2-normalized in fp32 (then stored back in the input dtype for the kernels), or raw."""
+    if not normalize:
+        return x
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.normalize(x.to(acc), dim=1).to(x.dtype)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """(N, D), (N, D) -> (N,) row-wise dot products, accumulated in fp32 (or fp64)."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(acc) * b.to(acc)).sum(dim=1)
+
+
+def _reduce(losses: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    return losses.sum() if reduction == "sum" else losses
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Temperature = 0.5,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    gather: bool = False,
+) -> Tensor:
+    """NT-Xent (SimCLR / InvaSpread softmax form) over 2N anchors.
+
+    z1, z2: (N, D), two views of N samples. Each anchor's positive is its other view; the other
+    2N - 2 embeddings (2WN - 2 with gather=True on W ranks) are its negatives.
+    Returns the mean (or sum) over the anchors, or with reduction="none" the (2N,) per-anchor
+    losses ordered [view 1 anchors, view 2 anchors]. Equals lightly's and
+    pytorch-metric-learning's NTXentLoss.
+    """
+    _checks.embeddings("z1", z1)
+    _checks.embeddings("z2", z2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape (N, D), got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    _checks.same_device(z1=z1, z2=z2)
+    _checks.same_dtype(z1=z1, z2=z2)
+    _checks.reduction(reduction)
+    rank, size = world() if gather else (0, 1)
+    if z1.shape[0] * size < 2:
+        raise ValueError(f"z1 and z2 need N >= 2 samples so that each anchor has a negative, "
+                         f"got N = {z1.shape[0]}")
+    scale = _checks.inverse_temperature(temperature, z1.device)
+
+    u1, u2 = _embed(z1, normalize), _embed(z2, normalize)
+    u = torch.cat([u1, u2])
+    positive = _row_dot(u1, u2).repeat(2) * scale
+    if size > 1:
+        lse = cross_lse(u, all_gather_with_grad(u), scale, rank * u.shape[0], False)[0]
+    else:
+        lse = gram_lse(u, scale)
+    return _reduce(lse - positive, reduction)
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    negatives: Optional[Tensor] = None,
+    temperature: Temperature = 0.07,
+    *,
+    symmetric: bool = False,
+    normalize: bool = True,
+    reduction: str = "mean",
+    gather: bool = False,
+) -> Tensor:
+    """InfoNCE: query (N, D), key (N, D), row i of key is query i's positive.
+
+    negatives=None: every other key is a negative (MoCo v3, CLIP; all ranks' keys with gather).
+    negatives (K, D): MoCo's queue, read in place, no gradient; logits are [q_i.k_i, q_i.negatives]
+    (negatives are used as given: a queue of normalized keys, as MoCo keeps it).
+    symmetric=True: the mean of the query->key and key->query losses (CLIP, CMC).
+    normalize=False uses raw dot products (CPC). reduction="none" gives (N,) losses.
+    """
+    _checks.embeddings("query", query)
+    _checks.embeddings("key", key)
+    if query.shape != key.shape:
+        raise ValueError(f"query and key must have the same shape (N, D), got "
+                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    _checks.same_device(query=query, key=key)
+    _checks.same_dtype(query=query, key=key)
+    _checks.reduction(reduction)
+    scale = _checks.inverse_temperature(temperature, query.device)
+    q, k = _embed(query, normalize), _embed(key, normalize)
+    positive = _row_dot(q, k) * scale
+
+    if negatives is not None:
+        _checks.embeddings("negatives", negatives)
+        _checks.same_device(query=query, negatives=negatives)
+        if negatives.shape[1] != query.shape[1]:
+            raise ValueError(f"negatives must have shape (K, D) with D = {query.shape[1]} as "
+                             f"query, got {tuple(negatives.shape)}")
+        if symmetric:
+            raise ValueError("symmetric=True needs in-batch negatives: pass negatives=None")
+        if gather:
+            raise ValueError("gather=True gathers in-batch negatives; with a negatives queue, "
+                             "enqueue the gathered keys instead and pass gather=False")
+        # Cast the small query, never the (large) queue, when their dtypes differ.
+        bank_lse = cross_lse(q.to(negatives.dtype), negatives.detach(), scale, None, False)[0]
+        return _reduce(torch.logaddexp(positive, bank_lse) - positive, reduction)
+
+    rank, size = world() if gather else (0, 1)
+    if query.shape[0] * size < 2:
+        raise ValueError(f"query and key need N >= 2 rows for in-batch negatives, got "
+                         f"N = {query.shape[0]}; pass negatives=... for a queue")
+    if size > 1:
+        row_lse = cross_lse(q, all_gather_with_grad(k), scale, None, False)[0]
+        losses = row_lse - positive
+        if symmetric:
+            col_lse = cross_lse(k, all_gather_with_grad(q), scale, None, False)[0]
+            losses = 0.5 * (losses + col_lse - positive)
+    else:
+        row_lse, col_lse = cross_lse(q, k, scale, None, symmetric)
+        losses = row_lse - positive
+        if symmetric:
+            losses = 0.5 * (losses + col_lse - positive)
+    return _reduce(losses, reduction)
+
+
+def supcon(
+    features: Tensor,
+    labels: Optional[Tensor],
+    temperature: Temperature = 0.1,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    gather: bool = False,
+    base_temperature: Optional[float] = None,
+) -> Tensor:
+    """Supervised contrastive loss (L_out of Khosla et al.).
+
+    features: (M, D) with labels (M,), as pytorch-metric-learning; or (N, V, D) with labels (N,)
+    (or None: each sample is its own class, i.e. SimCLR over V views), as the SupContrast code,
+    whose anchors are ordered view-major. Positives of an anchor are all other rows with its label;
+    the denominator runs over all other rows. Anchors without a positive are left out of the mean
+    (their loss is 0 with reduction="none"). base_temperature multiplies the loss by
+    temperature / base_temperature, as the SupContrast code does (it uses 0.07).
+    Equals pytorch-metric-learning's SupConLoss.
+    """
+    is_multiview = isinstance(features, Tensor) and features.dim() == 3
+    _checks.embeddings("features", features, ndim=3 if is_multiview else 2)
+    if is_multiview:
+        n, views, d = features.shape
+        if labels is None:
+            labels = torch.arange(n, device=features.device)
+        _check_labels(labels, n, features)
+        features = features.transpose(0, 1).reshape(views * n, d)  # view-major, as SupContrast
+        labels = labels.repeat(views)
+    else:
+        if labels is None:
+            raise ValueError("labels must be given for features of shape (M, D); pass features "
+                             "of shape (N, V, D) to use each sample as its own class")
+        _check_labels(labels, features.shape[0], features)
+    _checks.reduction(reduction)
+    scale = _checks.inverse_temperature(temperature, features.device)
+
+    u = _embed(features, normalize)
+    rank, size = world() if gather else (0, 1)
+    if u.shape[0] * size < 2:
+        raise ValueError(f"features need at least 2 rows, got {u.shape[0]}")
+    u_all, labels_all = u, labels
+    if size > 1:
+        u_all, labels_all = all_gather_with_grad(u), all_gather_no_grad(labels)
+        lse = cross_lse(u, u_all, scale, rank * u.shape[0], False)[0]
+    else:
+        lse = gram_lse(u, scale)
+
+    # Sum of each anchor's positives' embeddings from per-class sums, via sort + cumsum (static
+    # shapes, so torch.compile keeps one graph; fp64 so the differences do not cancel).
+    order = torch.argsort(labels_all)
+    sorted_labels = labels_all[order].contiguous()
+    first = torch.searchsorted(sorted_labels, labels, right=False)
+    last = torch.searchsorted(sorted_labels, labels, right=True)
+    cumsum = F.pad(u_all[order].double().cumsum(0), (0, 0, 1, 0))
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u64 = u.double()
+    positive_sum = ((u64 * (cumsum[last] - cumsum[first])).sum(1) - (u64 * u64).sum(1)).to(acc)
+    num_positives = last - first - 1
+
+    has_positive = num_positives > 0
+    losses = torch.where(has_positive, lse - scale * positive_sum / num_positives.clamp(min=1), 0.0)
+    if base_temperature is not None:
+        _checks.positive_scalar("base_temperature", base_temperature)
+        losses = losses * (1.0 / scale) / base_temperature
+    if reduction == "mean":
+        return losses.sum() / has_positive.sum().clamp(min=1)
+    return _reduce(losses, reduction)
+
+
+def _check_labels(labels, rows: int, features: Tensor) -> None:
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},) to match features, got "
+                         f"{tuple(labels.shape)}")
+    _checks.same_device(features=features, labels=labels)
+
+
+class NTXentLoss(nn.Module):
+    """Module form of :func:`nt_xent`: ``loss = NTXentLoss(0.5)(z1, z2)``."""
+
+    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True,
+                 reduction: str = "mean", gather: bool = False):
+        super().__init__()
+        _checks.positive_scalar("temperature", temperature)
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.gather = _checks.reduction(reduction), gather
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return nt_xent(z1, z2, self.temperature, normalize=self.normalize,
+                       reduction=self.reduction, gather=self.gather)
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`info_nce`: ``loss = InfoNCELoss(0.07)(query, key, queue)``."""
+
+    def __init__(self, temperature: Temperature = 0.07, *, symmetric: bool = False,
+                 normalize: bool = True, reduction: str = "mean", gather: bool = False):
+        super().__init__()
+        _checks.positive_scalar("temperature", temperature)
+        self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
+        self.reduction, self.gather = _checks.reduction(reduction), gather
+
+    def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, negatives, self.temperature, symmetric=self.symmetric,
+                        normalize=self.normalize, reduction=self.reduction, gather=self.gather)
+
+
+class SupConLoss(nn.Module):
+    """Module form of :func:`supcon`: ``loss = SupConLoss(0.1)(features, labels)``."""
+
+    def __init__(self, temperature: Temperature = 0.1, *, normalize: bool = True,
+                 reduction: str = "mean", gather: bool = False,
+                 base_temperature: Optional[float] = None):
+        super().__init__()
+        _checks.positive_scalar("temperature", temperature)
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.gather = _checks.reduction(reduction), gather
+        self.base_temperature = base_temperature
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return supcon(features, labels, self.temperature, normalize=self.normalize,
+                      reduction=self.reduction, gather=self.gather,
+                      base_temperature=self.base_temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive formulas, as the common libraries write them: they materialize every logit. The truth in
+# tests (run them in float64) and the baselines in benchmarks.
+# ----------------------------------------------------------------------------------------------
+def nt_xent_ref(z1: Tensor, z2: Tensor, temperature: Temperature = 0.5, *,
+                normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """SimCLR's formula: (2N, 2N) logits, self-similarity masked, cross-entropy on the other view."""
+    z = torch.cat([z1, z2])
+    z = F.normalize(z, dim=1) if normalize else z
+    n = z1.shape[0]
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+def info_nce_ref(query: Tensor, key: Tensor, negatives: Optional[Tensor] = None,
+                 temperature: Temperature = 0.07, *, symmetric: bool = False,
+                 normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """MoCo's formula with a queue (cat of the positive and queue logits, label 0); the CLIP /
+    MoCo v3 formula (N x N logits, labels on the diagonal) without one."""
+    q = F.normalize(query, dim=1) if normalize else query
+    k = F.normalize(key, dim=1) if normalize else key
+    if negatives is not None:
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.clone().detach().T], 1)
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits / temperature, target, reduction=reduction)
+    logits = q @ k.T / temperature
+    target = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, target, reduction="none")
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, target, reduction="none"))
+    return _reduce(loss, reduction)
+
+
+def supcon_ref(features: Tensor, labels: Tensor, temperature: Temperature = 0.1, *,
+               normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """SupContrast's formula on features (M, D), labels (M,): dense (M, M) logits and masks."""
+    z = F.normalize(features, dim=1) if normalize else features
+    m = z.shape[0]
+    self_mask = torch.eye(m, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(1)
+    losses = -torch.where(positive, log_prob, 0.0).sum(1) / count.clamp(min=1)
+    if reduction == "mean":
+        return losses[count > 0].mean() if (count > 0).any() else losses.sum() * 0
+    return _reduce(losses, reduction)
