@@ -1,0 +1,10 @@
+// The fastcl._C extension module: one PYBIND11_MODULE for all op families, each of which
+// registers its CPU kernels from its own csrc/<family>.cpp.
+#include <torch/extension.h>
+
+void bind_contrastive(py::module_& m);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastcl CPU kernels (see fastcl/ops/<family>.py for each op's contract)";
+  bind_contrastive(m);
+}
