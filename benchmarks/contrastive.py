@@ -130,8 +130,8 @@ def run(device: str, quick: bool, repeats: int):
         for impl, loss_fn in impls.items():
             step = forward_backward(loss_fn, inputs)
             try:
+                seconds = median_seconds(step, device, repeats)  # warms up first
                 memory = peak_memory(step, device)
-                seconds = median_seconds(step, device, repeats)
             except torch.OutOfMemoryError:
                 memory = seconds = float("nan")
             results[impl] = (seconds, memory)

@@ -105,3 +105,29 @@ def test_opcheck():
     lse = gram_lse(u, scale).detach()
     torch.library.opcheck(torch.ops.fastcl.gram_lse_backward, (u.detach(), scale.detach(), lse,
                                                                torch.randn(19)))
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("FASTCL_BIG_TESTS"),
+                    reason="needs ~9 GB of memory: set FASTCL_BIG_TESTS=1")
+def test_cross_lse_64bit_offsets():
+    """k with N * D > 2**31 elements: a periodic k (one block repeated) gives an exact analytic
+    reference, and the excluded pair sits at the very last element of the matrix."""
+    block = unit_rows(1024, 128, "cpu").double()
+    repeats = 2**31 // block.numel() + 1
+    k = block.float().repeat(repeats, 1)
+    n = k.shape[0]
+    assert k.numel() > 2**31
+    q = unit_rows(2, 128, "cpu").requires_grad_()
+    scale = torch.tensor(1 / 0.07)
+    row_lse, _ = cross_lse(q, k, scale, n - 1, False)  # leaves out (0, n - 1) only
+    (dq,) = torch.autograd.grad(row_lse.sum(), q)
+
+    s = scale.double() * q.detach().double() @ block.T  # (2, 1024): one period
+    p = torch.exp(s - s.max(1, keepdim=True).values)
+    total = p.sum(1) * repeats
+    total[0] -= p[0, (n - 1) % 1024]
+    expected = s.max(1).values + torch.log(total)
+    assert_close(row_lse, expected, 1e-5, "row_lse")
+    weights = torch.exp(s - expected[:, None]) * repeats
+    weights[0, (n - 1) % 1024] -= torch.exp(s[0, (n - 1) % 1024] - expected[0])
+    assert_close(dq, scale.double() * weights @ block, 1e-5, "dq")

@@ -1,0 +1,194 @@
+"""Triton kernels of the contrastive op family (CUDA; tested on CPU under TRITON_INTERPRET=1).
+
+Both primitives of fastcl/ops/contrastive.py are one "pair problem": logits s_ij = scale <a_i, b_j>
+for a (M, D), b (N, D), pairs with j - i == offset optionally left out.
+
+* ``_lse_fwd_kernel``: row-stationary; a program owns BLOCK_M rows of a and streams every block of
+  b, keeping an online (max, sum) per row, so any logit magnitude is exact. Column lse is the same
+  kernel with a and b swapped (offset negated).
+* ``_lse_bwd_kernel``: recomputes the tiles from the inputs and the saved lse;
+  W_ij = g_i exp(s_ij - lse_i) [+ gc_j exp(s_ij - lsec_j)], da = scale W b, db = scale W^T a.
+  GRAM (a = b = u): W is symmetric, so a program visits only the tiles J >= I and adds W_IJ u_J
+  to du_I and W_IJ^T u_I to du_J (atomically: other programs own those rows).
+
+Rows of D features live in registers (BLOCK_D = next power of 2 of D), so D <= MAX_DIM.
+Nothing here queries the GPU at import time.
+"""
+import torch
+import triton
+import triton.language as tl
+
+MAX_DIM = 1024
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    a_ptr,  # (M, D)
+    b_ptr,  # (N, D)
+    scale_ptr,  # () float32
+    lse_ptr,  # (M,) float32 out
+    M, N, D,
+    stride_am, stride_ad, stride_bn, stride_bd,
+    offset,
+    HAS_DIAG: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + dims[None, :] * stride_ad,
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    scale = tl.load(scale_ptr)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bn + dims[None, :] * stride_bd,
+                    mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
+        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
+        keep = col_ok[None, :]
+        if HAS_DIAG:
+            keep = keep & (cols[None, :] - rows[:, None] != offset)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing kept yet has max -inf: shift by 0 there to avoid (-inf) - (-inf).
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _lse_bwd_kernel(
+    a_ptr,  # (M, D)
+    b_ptr,  # (N, D)
+    scale_ptr,  # () float32
+    lse_row_ptr, grad_row_ptr,  # (M,) float32
+    lse_col_ptr, grad_col_ptr,  # (N,) float32, read when HAS_COL
+    da_ptr,  # (M, D) float32 out, contiguous (zero-filled when GRAM)
+    db_ptr,  # (N, D) float32, zero-filled, accumulated atomically when NEED_DB
+    M, N, D,
+    stride_am, stride_ad, stride_bn, stride_bd,
+    offset,
+    HAS_DIAG: tl.constexpr,
+    HAS_COL: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    GRAM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    dim_ok = dims < D
+    a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + dims[None, :] * stride_ad,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    scale = tl.load(scale_ptr)
+    lse_row = tl.load(lse_row_ptr + rows, mask=row_ok, other=float("inf"))
+    grad_row = tl.load(grad_row_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first = block * BLOCK_M if GRAM else 0  # GRAM: only tiles on and above the diagonal
+    for start in range(first, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_bn + dims[None, :] * stride_bd,
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
+        w = grad_row[:, None] * tl.exp(s - lse_row[:, None])
+        if HAS_COL:
+            lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=float("inf"))
+            grad_col = tl.load(grad_col_ptr + cols, mask=col_ok, other=0.0)
+            w += grad_col[None, :] * tl.exp(s - lse_col[None, :])
+        keep = row_ok[:, None] & col_ok[None, :]
+        if HAS_DIAG:
+            keep = keep & (cols[None, :] - rows[:, None] != offset)
+        w = tl.where(keep, w, 0.0)
+        acc += tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+        if NEED_DB:
+            # In GRAM mode the diagonal tile's W already holds both (i, j) and (j, i).
+            if (not GRAM) or (start != first):
+                db = tl.dot(tl.trans(w).to(a.dtype), a, input_precision=PRECISION) * scale
+                tl.atomic_add(db_ptr + cols[:, None].to(tl.int64) * D + dims[None, :], db,
+                              mask=col_ok[:, None] & dim_ok[None, :])
+    da_ptrs = da_ptr + rows[:, None].to(tl.int64) * D + dims[None, :]
+    da_mask = row_ok[:, None] & dim_ok[None, :]
+    if GRAM:
+        tl.atomic_add(da_ptrs, acc * scale, mask=da_mask)
+    else:
+        tl.store(da_ptrs, acc * scale, mask=da_mask)
+
+
+def _config(x: torch.Tensor, block_m: int, block_n: int) -> dict:
+    d = x.shape[1]
+    if d > MAX_DIM:
+        raise ValueError(f"the Triton contrastive kernels support D <= {MAX_DIM}, got D = {d}")
+    return dict(
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # exact fp32, no TF32 rounding
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )
+
+
+def _row_lse(a, b, scale, offset, has_diag, block_m, block_n):
+    """lse_i over j of scale <a_i, b_j>, pairs j - i == offset left out when has_diag: (M,)."""
+    m, n = a.shape[0], b.shape[0]
+    lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    _lse_fwd_kernel[(triton.cdiv(m, block_m),)](
+        a, b, scale, lse, m, n, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        offset, HAS_DIAG=has_diag, **_config(a, block_m, block_n),
+    )
+    return lse
+
+
+def gram_lse_fwd(u, scale, *, block_m=64, block_n=64):
+    """u: (M, D), scale: () float32 -> lse (M,) float32, self-pairs left out."""
+    return _row_lse(u, u, scale.float(), 0, True, block_m, block_n)
+
+
+def gram_lse_bwd(u, scale, lse, grad, *, block=64):
+    """du (M, D) float32 = scale * W u, W_ij = g_i exp(s_ij - lse_i) + g_j exp(s_ij - lse_j)."""
+    m, d = u.shape
+    du = torch.zeros(m, d, dtype=torch.float32, device=u.device)
+    lse, grad = lse.float().contiguous(), grad.float().contiguous()
+    _lse_bwd_kernel[(triton.cdiv(m, block),)](
+        u, u, scale.float(), lse, grad, lse, grad, du, du, m, m, d,
+        u.stride(0), u.stride(1), u.stride(0), u.stride(1), 0,
+        HAS_DIAG=True, HAS_COL=True, NEED_DB=True, GRAM=True, **_config(u, block, block),
+    )
+    return du
+
+
+def cross_lse_fwd(q, k, scale, diag_offset, has_diag, with_col, *, block_m=64, block_n=64):
+    """q: (M, D), k: (N, D) -> (row_lse (M,), col_lse (N,) or (0,)), float32."""
+    scale = scale.float()
+    row = _row_lse(q, k, scale, diag_offset, has_diag, block_m, block_n)
+    if not with_col:
+        return row, row.new_empty(0)
+    return row, _row_lse(k, q, scale, -diag_offset, has_diag, block_m, block_n)
+
+
+def cross_lse_bwd(q, k, scale, diag_offset, has_diag, row_lse, grad_row, col_lse, grad_col,
+                  with_col, need_dk, *, block_m=64, block_n=64):
+    """(dq (M, D), dk (N, D) or (0,)) float32: dq = scale W k, dk = scale W^T q."""
+    m, d = q.shape
+    n = k.shape[0]
+    dq = torch.empty(m, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(n, d, dtype=torch.float32, device=q.device) if need_dk else dq.new_empty(0)
+    row_lse, grad_row = row_lse.float().contiguous(), grad_row.float().contiguous()
+    if with_col:
+        col_lse, grad_col = col_lse.float().contiguous(), grad_col.float().contiguous()
+    else:
+        col_lse, grad_col = row_lse, grad_row  # not read
+    _lse_bwd_kernel[(triton.cdiv(m, block_m),)](
+        q, k, scale.float(), row_lse, grad_row, col_lse, grad_col, dq, dk if need_dk else dq,
+        m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), diag_offset,
+        HAS_DIAG=has_diag, HAS_COL=with_col, NEED_DB=need_dk, GRAM=False,
+        **_config(q, block_m, block_n),
+    )
+    return dq, dk
