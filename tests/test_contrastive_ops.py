@@ -107,8 +107,14 @@ def test_opcheck():
                                                                torch.randn(19)))
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("FASTCL_BIG_TESTS"),
-                    reason="needs ~9 GB of memory: set FASTCL_BIG_TESTS=1")
+def _available_gib():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.mark.skipif(_available_gib() < 14, reason="needs ~9 GiB of free memory")
 def test_cross_lse_64bit_offsets():
     """k with N * D > 2**31 elements: a periodic k (one block repeated) gives an exact analytic
     reference, and the excluded pair sits at the very last element of the matrix."""
@@ -130,4 +136,5 @@ def test_cross_lse_64bit_offsets():
     assert_close(row_lse, expected, 1e-5, "row_lse")
     weights = torch.exp(s - expected[:, None]) * repeats
     weights[0, (n - 1) % 1024] -= torch.exp(s[0, (n - 1) % 1024] - expected[0])
-    assert_close(dq, scale.double() * weights @ block, 1e-5, "dq")
+    # fp32 sums over 16.8 M columns: 5e-5 relative; a wrong index would be off by O(1).
+    assert_close(dq, scale.double() * weights @ block, 5e-5, "dq")
