@@ -119,9 +119,11 @@ def cases(device: str, quick: bool):
            {"fastcl": lambda f: supcon(f, labels), "naive": lambda f: supcon_ref(f, labels)})
 
 
-def run(device: str, quick: bool, repeats: int):
+def run(device: str, quick: bool, repeats: int, only: str = ""):
     rows = []
     for name, dtype, make_inputs, impls in cases(device, quick):
+        if only not in name:
+            continue
         if device == "cuda":
             impls = dict(impls, **{f"{k} + torch.compile": torch.compile(v)
                                    for k, v in impls.items() if k.startswith("naive")})
@@ -212,7 +214,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart to this file")
     args = parser.parse_args()
@@ -221,7 +224,7 @@ def main():
 
     env = environment(args.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    rows = run(args.device, args.quick, args.repeats)
+    rows = run(args.device, args.quick, args.repeats, args.only)
     print_table(rows)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)

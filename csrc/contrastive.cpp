@@ -428,6 +428,45 @@ std::tuple<Tensor, Tensor> cross_lse_bwd(const Tensor& q, const Tensor& k, const
   return {dq, dk};
 }
 
+/// Bank negatives (MoCo queue, memory banks): q (M, D), bank (K, D), scale () ->
+/// (lse (M,), mean (M, D)) with lse_i = log sum_j exp(s_ij) and mean_i = sum_j softmax(s_i)_j bank_j.
+/// Since only dq is wanted, dq_i = scale * grad_i * mean_i: saving the O(M * D) mean lets the
+/// backward skip a second pass over the bank (2 GEMMs in all instead of 3). Online max per row,
+/// exact for any magnitude; the mean accumulator is rescaled when the running max moves.
+std::tuple<Tensor, Tensor> bank_lse_fwd(const Tensor& q_in, const Tensor& bank_in,
+                                        const Tensor& scale) {
+  const Tensor q = features(q_in, "q");
+  const Tensor bank = features(bank_in, "bank");
+  check_same_dim(q, bank);
+  const float sc = read_scale(scale);
+  const int64_t m = q.size(0), k = bank.size(0), d = q.size(1);
+  const auto opts = q.options();
+  Tensor row_max = at::full({m, 1}, -kInf, opts);
+  Tensor row_sum = at::zeros({m, 1}, opts);
+  Tensor mean = at::zeros({m, d}, opts);
+  const int64_t cols = std::clamp<int64_t>(kTileElems / std::max<int64_t>(m, 1), kTileRows,
+                                           kMaxTileCols);
+  Tensor scratch = at::empty({m, std::min(cols, std::max<int64_t>(k, 1))}, opts);
+  for (int64_t start = 0; start < k; start += cols) {
+    const int64_t n = std::min(cols, k - start);
+    const Tensor block = bank.narrow(0, start, n);
+    Tensor s = scratch.narrow(1, 0, n);
+    at::mm_out(s, q, block.t());
+    s.mul_(sc);
+    const Tensor new_max = at::maximum(row_max, std::get<0>(s.max(1, true)));
+    // Rows whose max is still -inf shift by 0, avoiding (-inf) - (-inf).
+    const Tensor shift = at::where(new_max == -kInf, at::zeros_like(new_max), new_max);
+    const Tensor rescale = (row_max - shift).exp_();
+    s.sub_(shift).exp_();
+    row_sum.mul_(rescale).add_(s.sum(1, true));
+    mean.mul_(rescale).addmm_(s, block);
+    row_max = new_max;
+  }
+  Tensor lse = (row_max + row_sum.log()).squeeze(1);
+  mean.div_(row_sum);
+  return {lse, mean};
+}
+
 }  // namespace
 
 // Registered into fastcl._C by csrc/bindings.cpp.
@@ -442,6 +481,8 @@ void bind_contrastive(py::module_& m) {
         "q (M, D), k (N, D), scale (), diag_offset, has_diag, with_col -> (row_lse, col_lse)",
         py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("diag_offset"), py::arg("has_diag"),
         py::arg("with_col"), nogil);
+  m.def("bank_lse_fwd", &bank_lse_fwd, "q (M, D), bank (K, D), scale () -> (lse (M,), mean (M, D))",
+        py::arg("q"), py::arg("bank"), py::arg("scale"), nogil);
   m.def("cross_lse_bwd", &cross_lse_bwd,
         "q, k, scale, diag_offset, has_diag, row_lse, grad_row, col_lse, grad_col, with_col, "
         "need_dk -> (dq (M, D), dk (N, D) or (0,))",

@@ -3,7 +3,14 @@ outputs and the gradients of every input (scale included) under a random upstrea
 import pytest
 import torch
 
-from fastcl.ops.contrastive import cross_lse, cross_lse_ref, gram_lse, gram_lse_ref
+from fastcl.ops.contrastive import (
+    bank_lse,
+    bank_lse_ref,
+    cross_lse,
+    cross_lse_ref,
+    gram_lse,
+    gram_lse_ref,
+)
 
 # fp32 kernels vs the float64 truth; 16-bit inputs are rounded first, so only accumulation differs.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
@@ -102,6 +109,7 @@ def test_opcheck():
     torch.library.opcheck(gram_lse, (u, scale))
     torch.library.opcheck(cross_lse, (q, k, scale, 1, True))
     torch.library.opcheck(cross_lse, (q, k, scale, None, False))
+    torch.library.opcheck(bank_lse, (q, k.detach(), scale))
     lse = gram_lse(u, scale).detach()
     torch.library.opcheck(torch.ops.fastcl.gram_lse_backward, (u.detach(), scale.detach(), lse,
                                                                torch.randn(19)))
@@ -138,3 +146,27 @@ def test_cross_lse_64bit_offsets():
     weights[0, (n - 1) % 1024] -= torch.exp(s[0, (n - 1) % 1024] - expected[0])
     # fp32 sums over 16.8 M columns: 5e-5 relative; a wrong index would be off by O(1).
     assert_close(dq, scale.double() * weights @ block, 5e-5, "dq")
+
+
+@pytest.mark.parametrize("m,k,d", [(1, 1, 1), (3, 70, 60), (127, 300, 257)])
+@pytest.mark.parametrize("temperature,norm", [(0.07, 1.0), (0.01, 1.0), (1.0, 6.0)])
+def test_bank_lse(backend, m, k, d, temperature, norm):
+    """lse over a bank and its gradient w.r.t. q and scale (the bank gets none); mean is the
+    auxiliary output that the backward uses."""
+    q, bank = unit_rows(m, d, backend, norm=norm), unit_rows(k, d, backend, norm=norm)
+    scale = torch.tensor(1 / temperature, device=backend)
+    upstream = [torch.randn(m, dtype=torch.float64, device=backend)]
+
+    def fused(q, scale):
+        return bank_lse(q, bank, scale)[0]
+
+    def reference(q, scale):
+        return cross_lse_ref(q, bank.double(), scale, None, False)[0]
+
+    (lse,), grads = run_and_grad(fused, [q, scale], [upstream[0].float()])
+    (lse64,), grads64 = run_and_grad(reference, [q.double(), scale.double()], upstream)
+    assert_close(lse, lse64, 2e-5, "lse")
+    for name, a, b in zip(["dq", "dscale"], grads, grads64):
+        assert_close(a, b, 2e-5, name)
+    mean = bank_lse(q, bank, scale)[1]
+    assert_close(mean, bank_lse_ref(q.double(), bank.double(), scale.double())[1], 2e-5, "mean")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
-from fastcl.ops.contrastive import cross_lse, gram_lse
+from fastcl.ops.contrastive import bank_lse, cross_lse, gram_lse
 
 Temperature = Union[float, Tensor]
 
@@ -125,8 +125,8 @@ def info_nce(
             raise ValueError("gather=True gathers in-batch negatives; with a negatives queue, "
                              "enqueue the gathered keys instead and pass gather=False")
         # Cast the small query, never the (large) queue, when their dtypes differ.
-        bank_lse = cross_lse(q.to(negatives.dtype), negatives.detach(), scale, None, False)[0]
-        return _reduce(torch.logaddexp(positive, bank_lse) - positive, reduction)
+        lse = bank_lse(q.to(negatives.dtype), negatives.detach(), scale)[0]
+        return _reduce(torch.logaddexp(positive, lse) - positive, reduction)
 
     rank, size = world() if gather else (0, 1)
     if query.shape[0] * size < 2:

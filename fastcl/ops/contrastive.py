@@ -10,6 +10,10 @@ similarity matrix (tiles are recomputed in backward from the inputs and the O(N)
 * ``fastcl::cross_lse(q, k, scale, diag_offset, with_col)``: q (M, D), k (N, D) ->
   (row_lse (M,), col_lse (N,) or (0,)); pairs with j - i == diag_offset are left out when
   diag_offset is not None.
+* ``fastcl::bank_lse(q, bank, scale)``: q (M, D), bank (K, D) -> (lse (M,), mean (M, D)), the
+  row lse over a bank of negatives (MoCo queue, memory bank) that gets no gradient, plus
+  mean_i = sum_j softmax(s_i)_j bank_j, which is the whole backward (dq_i = scale g_i mean_i):
+  the bank is read once, in forward.
 
 ``scale`` is a 0-dim float32 tensor (1 / temperature) on the inputs' device; it receives a gradient,
 computed for free from the input gradients (the logits are linear in scale).
@@ -90,6 +94,12 @@ def cross_lse_backward_ref(
     dq = w @ k.to(acc) * scale
     dk = w.T @ q.to(acc) * scale if need_dk else dq.new_empty(0)
     return dq, dk
+
+
+def bank_lse_ref(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """q: (M, D), bank: (K, D) -> (lse (M,), mean (M, D) = softmax(s) @ bank)."""
+    s = _logits_ref(q, bank, scale, None)
+    return torch.logsumexp(s, dim=1), torch.softmax(s, dim=1) @ bank.to(s.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,3 +238,40 @@ def _cross_lse_grad(ctx, grad_row, grad_col):
 
 
 cross_lse.register_autograd(_cross_lse_grad, setup_context=_cross_lse_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# fastcl::bank_lse
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastcl::bank_lse", mutates_args=())
+def bank_lse(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """q: (M, D), bank: (K, D), scale: () -> (lse (M,), mean (M, D)). No gradient reaches bank."""
+    kernels = _kernels(q)
+    return bank_lse_ref(q, bank, scale) if kernels is None else kernels.bank_lse_fwd(q, bank, scale)
+
+
+@bank_lse.register_fake
+def _(q, bank, scale):
+    acc = _acc_dtype(q)
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape, dtype=acc)
+
+
+def _bank_lse_setup(ctx, inputs, output):
+    q, _, scale = inputs
+    ctx.save_for_backward(q, scale, output[1])
+
+
+def _bank_lse_grad(ctx, grad_lse, grad_mean):
+    # mean is an auxiliary output for this backward: it is not differentiated.
+    q, scale, mean = ctx.saved_tensors
+    if grad_lse is None:
+        grad_lse = torch.zeros(q.shape[0], dtype=mean.dtype, device=q.device)
+    weighted = grad_lse.to(mean.dtype)[:, None] * mean  # (M, D) = sum_j g_i P_ij bank_j
+    dq = (weighted * scale).to(q.dtype) if ctx.needs_input_grad[0] else None
+    dscale = None
+    if ctx.needs_input_grad[2]:
+        dscale = (weighted * q.to(mean.dtype)).sum().to(scale.dtype)  # sum_ij g_i P_ij <q_i, k_j>
+    return dq, None, dscale
+
+
+bank_lse.register_autograd(_bank_lse_grad, setup_context=_bank_lse_setup)
