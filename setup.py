@@ -1,10 +1,9 @@
 """Build script: the fastcl package, its Triton kernels (shipped as ``fastcl.kernels``) and the
 C++ extension ``fastcl._C`` compiled from csrc/ with torch's extension tooling.
 
-Environment variables (also listed in README.md):
+The extension holds CPU kernels only: the GPU path is Triton (kernels/), so the build needs no
+CUDA toolkit. Environment variable (also listed in README.md):
   FASTCL_SKIP_EXT=1   do not build the C++ extension (fastcl then falls back to the PyTorch reference)
-  FASTCL_CUDA=0|1     force CUDA sources off/on (default: on when nvcc and a CUDA build of torch exist;
-                      no CUDA sources exist yet, the GPU path is Triton)
 """
 import glob
 import os

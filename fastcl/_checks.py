@@ -25,6 +25,18 @@ def embeddings(name: str, x, ndim: int = 2) -> Tensor:
     return x
 
 
+def paired_embeddings(**pair: Tensor) -> None:
+    """Two (N, D) embeddings of the same shape, device and dtype (views, or query and key)."""
+    (name_a, a), (name_b, b) = pair.items()
+    embeddings(name_a, a)
+    embeddings(name_b, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape (N, D), got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    same_device(**pair)
+    same_dtype(**pair)
+
+
 def same_device(**tensors: Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -58,13 +58,7 @@ def nt_xent(
     losses ordered [view 1 anchors, view 2 anchors]. Equals lightly's and
     pytorch-metric-learning's NTXentLoss.
     """
-    _checks.embeddings("z1", z1)
-    _checks.embeddings("z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape (N, D), got {tuple(z1.shape)} "
-                         f"and {tuple(z2.shape)}")
-    _checks.same_device(z1=z1, z2=z2)
-    _checks.same_dtype(z1=z1, z2=z2)
+    _checks.paired_embeddings(z1=z1, z2=z2)
     _checks.reduction(reduction)
     rank, size = world() if gather else (0, 1)
     if z1.shape[0] * size < 2:
@@ -101,13 +95,7 @@ def info_nce(
     symmetric=True: the mean of the query->key and key->query losses (CLIP, CMC).
     normalize=False uses raw dot products (CPC). reduction="none" gives (N,) losses.
     """
-    _checks.embeddings("query", query)
-    _checks.embeddings("key", key)
-    if query.shape != key.shape:
-        raise ValueError(f"query and key must have the same shape (N, D), got "
-                         f"{tuple(query.shape)} and {tuple(key.shape)}")
-    _checks.same_device(query=query, key=key)
-    _checks.same_dtype(query=query, key=key)
+    _checks.paired_embeddings(query=query, key=key)
     _checks.reduction(reduction)
     scale = _checks.inverse_temperature(temperature, query.device)
     q, k = _embed(query, normalize), _embed(key, normalize)
