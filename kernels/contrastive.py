@@ -5,7 +5,8 @@ for a (M, D), b (N, D), pairs with j - i == offset optionally left out.
 
 * ``_lse_fwd_kernel``: row-stationary; a program owns BLOCK_M rows of a and streams every block of
   b, keeping an online (max, sum) per row, so any logit magnitude is exact. Column lse is the same
-  kernel with a and b swapped (offset negated).
+  kernel with a and b swapped (offset negated). With WITH_MEAN it also accumulates
+  sum_j softmax(s_i)_j b_j, all that the backward of bank negatives needs (``bank_lse_fwd``).
 * ``_lse_bwd_kernel``: recomputes the tiles from the inputs and the saved lse;
   W_ij = g_i exp(s_ij - lse_i) [+ gc_j exp(s_ij - lsec_j)], da = scale W b, db = scale W^T a.
   GRAM (a = b = u): W is symmetric, so a program visits only the tiles J >= I and adds W_IJ u_J
@@ -48,22 +49,26 @@ def _lse_fwd_kernel(
     b_ptr,  # (N, D)
     scale_ptr,  # () float32
     lse_ptr,  # (M,) float32, out
+    mean_ptr,  # (M, D) float32 contiguous, out when WITH_MEAN
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd,
     offset,  # pairs with j - i == offset are left out when HAS_DIAG
     HAS_DIAG: tl.constexpr,
+    WITH_MEAN: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """lse_i = log sum_j exp(scale <a_i, b_j>) over kept pairs, for BLOCK_M rows per program."""
+    """lse_i = log sum_j exp(scale <a_i, b_j>) over kept pairs, for BLOCK_M rows per program;
+    WITH_MEAN also mean_i = sum_j softmax(s_i)_j b_j (bank negatives: all their backward needs)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     a = _load_rows(a_ptr, rows, dims, M, D, stride_am, stride_ad)
     scale = tl.load(scale_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    mean = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         b = _load_rows(b_ptr, cols, dims, N, D, stride_bn, stride_bd)
@@ -75,10 +80,17 @@ def _lse_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing kept yet has max -inf: shift by 0 there to avoid (-inf) - (-inf).
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+        rescale = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        l_i = l_i * rescale + tl.sum(p, 1)
+        if WITH_MEAN:  # rescaled like l_i as the running max moves
+            mean = mean * rescale[:, None] + tl.dot(p.to(b.dtype), b, input_precision=PRECISION)
         m_i = m_new
     # A row with every pair left out gives -inf + log(0) = -inf.
     tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=rows < M)
+    if WITH_MEAN:
+        tl.store(mean_ptr + rows[:, None].to(tl.int64) * D + dims[None, :], mean / l_i[:, None],
+                 mask=(rows[:, None] < M) & (dims[None, :] < D))
 
 
 @triton.jit
@@ -165,16 +177,19 @@ def _offset_matters(m: int, n: int, offset: int, has_diag: bool) -> bool:
     return has_diag and -m < offset < n
 
 
-def _row_lse(a, b, scale, offset, has_diag, block_m, block_n):
-    """lse_i over j of scale <a_i, b_j>, pairs j - i == offset left out when has_diag: (M,)."""
+def _row_lse(a, b, scale, offset, has_diag, block_m, block_n, with_mean=False):
+    """lse_i over j of scale <a_i, b_j>, pairs j - i == offset left out when has_diag: (M,);
+    with_mean: (lse, mean (M, D) = sum_j softmax(s_i)_j b_j)."""
     m, n = a.shape[0], b.shape[0]
     lse = torch.empty(m, dtype=torch.float32, device=a.device)
+    mean = torch.empty(m, a.shape[1], dtype=torch.float32, device=a.device) if with_mean else lse
     cfg = _config(a, block_m, block_n)
     _lse_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        a, b, scale, lse, m, n, a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        offset, HAS_DIAG=_offset_matters(m, n, offset, has_diag), **cfg,
+        a, b, scale, lse, mean, m, n, a.shape[1], a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), offset, HAS_DIAG=_offset_matters(m, n, offset, has_diag),
+        WITH_MEAN=with_mean, **cfg,
     )
-    return lse
+    return (lse, mean) if with_mean else lse
 
 
 def gram_lse_fwd(u, scale, *, block_m=None, block_n=None):
@@ -196,6 +211,11 @@ def gram_lse_bwd(u, scale, lse, grad, *, block=None):
         RESCALE_W=u.dtype == torch.float16, **cfg,
     )
     return du
+
+
+def bank_lse_fwd(q, bank, scale, *, block_m=None, block_n=None):
+    """q (M, D), bank (K, D), scale () -> (lse (M,), mean (M, D) = sum_j softmax(s_i)_j bank_j)."""
+    return _row_lse(q, bank, scale.float(), 0, False, block_m, block_n, with_mean=True)
 
 
 def cross_lse_fwd(q, k, scale, diag_offset, has_diag, with_col, *, block_m=None, block_n=None):
