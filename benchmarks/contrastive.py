@@ -175,6 +175,16 @@ def print_table(rows):
               f"{r['speedup_vs_naive']:7.2f}x {r['peak_extra_mib']:9.1f}")
 
 
+def markdown_table(rows) -> str:
+    lines = ["| case | implementation | ms | speed-up vs naive | peak MiB above inputs |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        speedup = "" if r["speedup_vs_naive"] != r["speedup_vs_naive"] else f"{r['speedup_vs_naive']:.2f}x"
+        lines.append(f"| {r['case']} | {r['impl']} | {r['ms']:.1f} | {speedup} | "
+                     f"{r['peak_extra_mib']:.1f} |")
+    return "\n".join(lines)
+
+
 def write_csv(rows, env, path):
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0], *env])
@@ -218,6 +228,7 @@ def main():
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart to this file")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -226,6 +237,8 @@ def main():
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     rows = run(args.device, args.quick, args.repeats, args.only)
     print_table(rows)
+    if args.markdown:
+        print(markdown_table(rows))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         write_csv(rows, env, args.csv)
