@@ -103,11 +103,11 @@ def cases(device: str, quick: bool):
                         unit(huge // 2, 128, device=device, dtype=dtype)],
                {"fastcl": nt_xent})
     k = 8192 if quick else 65536
-    yield (f"info_nce N=256 queue={k} D=128", dtype,
+    yield (f"info_nce N=256 queue={k} D=128 (MoCo)", dtype,
            lambda: [unit(256, 128, device=device, dtype=dtype),
                     unit(256, 128, device=device, dtype=dtype),
                     unit(k, 128, device=device, dtype=dtype, grad=False)],
-           {"fastcl": info_nce, "naive (MoCo)": info_nce_ref})
+           {"fastcl": info_nce, "naive": info_nce_ref})
     n = (1024 if quick else 8192) * big
     yield (f"info_nce symmetric N={n} D=128", dtype,
            lambda: [unit(n, 128, device=device, dtype=dtype), unit(n, 128, device=device, dtype=dtype)],

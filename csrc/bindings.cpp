@@ -3,8 +3,10 @@
 #include <torch/extension.h>
 
 void bind_contrastive(py::module_& m);
+void bind_dino(py::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcl CPU kernels (see fastcl/ops/<family>.py for each op's contract)";
   bind_contrastive(m);
+  bind_dino(m);
 }

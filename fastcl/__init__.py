@@ -3,9 +3,12 @@
 Importing fastcl never touches CUDA and never imports triton; kernels load on first use.
 """
 from fastcl.losses import (
+    DINOLoss,
     InfoNCELoss,
     NTXentLoss,
     SupConLoss,
+    dino_loss,
+    dino_loss_ref,
     info_nce,
     info_nce_ref,
     nt_xent,
@@ -17,6 +20,7 @@ from fastcl.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DINOLoss", "dino_loss", "dino_loss_ref",
     "InfoNCELoss", "NTXentLoss", "SupConLoss",
     "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "supcon", "supcon_ref",
 ]

@@ -156,19 +156,27 @@ def _lse_bwd_kernel(
         tl.store(da_ptr + da_offs, acc * scale, mask=da_mask)
 
 
-def _config(x: torch.Tensor, block_m, block_n) -> dict:
-    """Compile-time arguments: BLOCK_D holds a whole row; tiles shrink as rows widen so that the
-    row-block of a, a block of b and the fp32 accumulator stay within registers / shared memory."""
+def _config(x: torch.Tensor, accumulates: bool, block_m, block_n) -> dict:
+    """Compile-time arguments. BLOCK_D holds a whole row; tiles shrink as rows widen so that the
+    row block of a, the streamed block of b and any (BLOCK_M, BLOCK_D) fp32 accumulator (backward,
+    bank mean) fit registers (no or minor spills with ptxas for sm_90 / sm_80) and shared memory
+    (<= 100 KiB up to D = 512, ~130 KiB beyond). block_m / block_n override the tile sizes (powers
+    of 2, >= 16)."""
     d = x.shape[1]
     if d > MAX_DIM:
         raise ValueError(f"the GPU contrastive kernels support D <= {MAX_DIM}, got D = {d}")
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
-    default = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+    if x.dtype == torch.float32:  # exact fp32 dots run on FMA units, operands in registers
+        block, warps = (32 if block_d <= 64 else 16), 8
+    elif accumulates:
+        block, warps = (64 if block_d <= 128 else 32 if block_d <= 256 else 16), 8
+    else:
+        block, warps = (64, 4) if block_d <= 256 else (32, 8)
     return dict(
         # Exact fp32 (tests compare with float64); TF32 would keep only 10 mantissa bits.
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m or default, BLOCK_N=block_n or default, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 256 else 8,
+        BLOCK_M=block_m or block, BLOCK_N=block_n or block, BLOCK_D=block_d,
+        num_warps=warps, num_stages=3 if block_d <= 128 else 2,
     )
 
 
@@ -183,7 +191,7 @@ def _row_lse(a, b, scale, offset, has_diag, block_m, block_n, with_mean=False):
     m, n = a.shape[0], b.shape[0]
     lse = torch.empty(m, dtype=torch.float32, device=a.device)
     mean = torch.empty(m, a.shape[1], dtype=torch.float32, device=a.device) if with_mean else lse
-    cfg = _config(a, block_m, block_n)
+    cfg = _config(a, with_mean, block_m, block_n)
     _lse_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         a, b, scale, lse, mean, m, n, a.shape[1], a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), offset, HAS_DIAG=_offset_matters(m, n, offset, has_diag),
@@ -203,7 +211,7 @@ def gram_lse_bwd(u, scale, lse, grad, *, block=None):
     m, d = u.shape
     du = torch.zeros(m, d, dtype=torch.float32, device=u.device)
     lse, grad = lse.float().contiguous(), grad.float().contiguous()
-    cfg = _config(u, block, block)
+    cfg = _config(u, True, block, block)
     _lse_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         u, u, scale.float(), lse, grad, lse, grad, du, du, m, m, d,
         u.stride(0), u.stride(1), u.stride(0), u.stride(1), 0,
@@ -240,7 +248,7 @@ def cross_lse_bwd(q, k, scale, diag_offset, has_diag, row_lse, grad_row, col_lse
         col_lse, grad_col = col_lse.float().contiguous(), grad_col.float().contiguous()
     else:
         col_lse, grad_col = row_lse, grad_row  # not read
-    cfg = _config(q, block_m, block_n)
+    cfg = _config(q, True, block_m, block_n)
     _lse_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         q, k, scale.float(), row_lse, grad_row, col_lse, grad_col, dq, dk if need_dk else dq,
         m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1), diag_offset,

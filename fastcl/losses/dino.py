@@ -1,0 +1,188 @@
+"""DINO loss (Caron et al. 2021): multi-crop cross-entropy between the centered, sharpened teacher
+softmax of the global crops and the student softmax of every other crop, as a function and as a
+drop-in ``nn.Module`` that keeps the center and the teacher-temperature warm-up.
+
+The cross-entropy comes from the fused op fastcl.ops.dino.dino_loss: one pass over the prototype
+axis per sample, no (crops, B, K) softmax or per-pair product in memory, only the student gets a
+gradient. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32 loss, gradient in the
+input dtype) or float64 (computed by the reference, for testing).
+"""
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastcl import _checks
+from fastcl.distributed import world
+from fastcl.ops import dino as ops
+
+Temperature = Union[float, Tensor]
+
+
+def _inverse_temperature(name: str, value: Temperature, device: torch.device) -> Tensor:
+    """1 / value as a 0-dim float32 tensor on `device`, without gradient (DINO never learns it)."""
+    _checks.positive_scalar(name, value)
+    if isinstance(value, Tensor):
+        return 1.0 / value.detach().to(device=device, dtype=torch.float32)
+    return torch.full((), 1.0 / float(value), dtype=torch.float32, device=device)
+
+
+def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
+    _checks.embeddings("student", student, ndim=3)
+    _checks.embeddings("teacher", teacher, ndim=3)
+    _checks.same_dtype(student=student, teacher=teacher)
+    s, b, k = student.shape
+    t = teacher.shape[0]
+    if t > s:
+        raise ValueError(f"teacher has T = {t} crops but student only S = {s}: the teacher's crops "
+                         f"must be the student's first T crops (T <= S)")
+    if s < 2:
+        raise ValueError(f"student needs S >= 2 crops so that every teacher crop has a student "
+                         f"crop to pair with, got shape {tuple(student.shape)}")
+    if teacher.shape[1:] != (b, k):
+        raise ValueError(f"teacher must have shape (T, B, K) with B = {b}, K = {k} as student, got "
+                         f"{tuple(teacher.shape)}")
+    if not isinstance(center, Tensor):
+        raise TypeError(f"center must be a torch.Tensor, got {type(center).__name__}")
+    if center.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"center must be a floating tensor, got {center.dtype}")
+    if center.shape not in ((k,), (1, k)):
+        raise ValueError(f"center must have shape ({k},) or (1, {k}), got {tuple(center.shape)}")
+    _checks.same_device(student=student, teacher=teacher, center=center)
+
+
+def dino_loss(
+    student: Tensor,
+    teacher: Tensor,
+    center: Tensor,
+    student_temp: Temperature = 0.1,
+    teacher_temp: Temperature = 0.04,
+) -> Tensor:
+    """DINO's cross-entropy, averaged over the (teacher crop t, student crop s != t) pairs.
+
+    student: (S, B, K) logits of S crops; teacher: (T, B, K) logits of the T global crops, which are
+    the student's first T crops (T <= S); center: (K,) or (1, K). Returns the fp32 scalar
+    mean over pairs of  mean_b -sum_k softmax((teacher_t - center) / teacher_temp)_k
+    * log_softmax(student_s / student_temp)_k.
+    Only student gets a gradient (teacher and center are detached). The temperatures are floats or
+    0-dim tensors, never differentiated. Equals :func:`dino_loss_ref` (the official code's formula)
+    and lightly's DINOLoss.
+    """
+    _check_inputs(student, teacher, center)
+    student_scale = _inverse_temperature("student_temp", student_temp, student.device)
+    teacher_scale = _inverse_temperature("teacher_temp", teacher_temp, student.device)
+    center = center.detach().reshape(-1)
+    return ops.dino_loss(student, teacher.detach(), center, student_scale, teacher_scale)[0]
+
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
+                          warmup_teacher_temp_epochs: int, num_epochs: int) -> np.ndarray:
+    """The official DINO schedule: a linear warm-up over the first epochs, then constant."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(num_epochs - warmup_teacher_temp_epochs) * teacher_temp,
+    ))
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss with its state: the teacher center (buffer ``center``, (1, out_dim), updated
+    after every call) and the teacher-temperature warm-up.
+
+        loss_fn = DINOLoss(65536, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                           warmup_teacher_temp_epochs=30, num_epochs=100)
+        loss = loss_fn(student, teacher, epoch)   # student (S, B, K), teacher (T, B, K)
+
+    The teacher temperature at `epoch` is the official np.linspace schedule (warmup_teacher_temp
+    to teacher_temp over warmup_teacher_temp_epochs, then teacher_temp); epoch=None uses
+    teacher_temp, as lightly does. num_epochs=None leaves epochs unbounded (the official code's
+    schedule array has num_epochs entries). After the loss, center <- m * center + (1 - m) *
+    the mean of the teacher's T * B rows, all-reduced over ranks when torch.distributed is
+    initialized (computed in fp32, where the official code sums in the teacher's dtype).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
+                 num_epochs: Optional[int] = None, center_momentum: float = 0.9):
+        super().__init__()
+        if not isinstance(out_dim, Integral) or out_dim < 1:
+            raise ValueError(f"out_dim must be a positive integer, got {out_dim!r}")
+        for name, value in [("student_temp", student_temp), ("teacher_temp", teacher_temp),
+                            ("warmup_teacher_temp", warmup_teacher_temp)]:
+            _checks.positive_scalar(name, value)
+        if not isinstance(warmup_teacher_temp_epochs, Integral) or warmup_teacher_temp_epochs < 0:
+            raise ValueError(f"warmup_teacher_temp_epochs must be an integer >= 0, got "
+                             f"{warmup_teacher_temp_epochs!r}")
+        if num_epochs is not None and (not isinstance(num_epochs, Integral)
+                                       or num_epochs < warmup_teacher_temp_epochs):
+            raise ValueError(f"num_epochs must be an integer >= warmup_teacher_temp_epochs = "
+                             f"{warmup_teacher_temp_epochs}, got {num_epochs!r}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.num_epochs, self.center_momentum = num_epochs, center_momentum
+        # The warm-up part of the official schedule; later epochs use teacher_temp.
+        self.warmup_temps = tuple(teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+            warmup_teacher_temp_epochs).tolist())
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature(self, epoch: Optional[int] = None) -> float:
+        """The teacher temperature at `epoch` (teacher_temp when epoch is None)."""
+        if epoch is None:
+            return self.teacher_temp
+        if not isinstance(epoch, Integral) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if self.num_epochs is not None and epoch >= self.num_epochs:
+            raise ValueError(f"epoch must be < num_epochs = {self.num_epochs}, got {epoch}")
+        return self.warmup_temps[epoch] if epoch < len(self.warmup_temps) else self.teacher_temp
+
+    def forward(self, student: Tensor, teacher: Tensor, epoch: Optional[int] = None) -> Tensor:
+        """student: (S, B, out_dim), teacher: (T, B, out_dim) -> fp32 loss; updates the center."""
+        loss = dino_loss(student, teacher, self.center, self.student_temp,
+                         self.teacher_temperature(epoch))
+        self.update_center(teacher)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher: Tensor) -> None:
+        """center <- m * center + (1 - m) * mean of teacher's rows over every rank."""
+        rows = teacher.reshape(-1, teacher.shape[-1])
+        batch_center = rows.sum(dim=0, keepdim=True, dtype=self.center.dtype)
+        _, size = world()
+        if size > 1:
+            dist.all_reduce(batch_center)
+        batch_center = batch_center / (rows.shape[0] * size)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+# ----------------------------------------------------------------------------------------------
+# The official formula (facebookresearch/dino, DINOLoss.forward), on the (S, B, K) / (T, B, K)
+# layout: per pair it recomputes log_softmax and materializes the products. The truth in tests
+# (run it in float64) and the baseline in benchmarks.
+# ----------------------------------------------------------------------------------------------
+def dino_loss_ref(student: Tensor, teacher: Tensor, center: Tensor,
+                  student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
+    """The official DINO loss: student (S, B, K), teacher (T, B, K), center (1, K) or (K,)."""
+    ncrops, n_teacher = student.shape[0], teacher.shape[0]
+    student_out = student.flatten(0, 1) / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher.flatten(0, 1) - center) / teacher_temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(n_teacher)
+
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    total_loss /= n_loss_terms
+    return total_loss
