@@ -192,7 +192,7 @@ def write_csv(rows, env, path):
         writer.writerows({**r, **env} for r in rows)
 
 
-def plot(rows, env, path):
+def plot(rows, env, path, title="fastcl contrastive losses"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +214,7 @@ def plot(rows, env, path):
         ax.set_xlabel(label)
         ax.invert_yaxis()
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"fastcl contrastive losses, {env['device']}, torch {env['torch']}")
+    fig.suptitle(f"{title}, {env['device']}, torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

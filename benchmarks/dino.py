@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from contrastive import (MiB, environment, forward_backward, median_seconds, peak_memory,
+from contrastive import (MiB, environment, forward_backward, median_seconds, peak_memory, plot,
                          print_table, write_csv)
 from fastcl.losses.dino import dino_loss, dino_loss_ref
 
@@ -62,32 +62,6 @@ def run(device: str, quick: bool, repeats: int):
     return rows
 
 
-def plot(rows, env, path):
-    """Two horizontal bar charts (time, peak memory), one group of bars per case."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 * len(cases) + 2))
-    width = 0.8 / len(impls)
-    for ax, key, label in [(axes[0], "ms", "time (ms)"), (axes[1], "peak_extra_mib",
-                                                           "peak memory above inputs (MiB)")]:
-        for i, impl in enumerate(impls):
-            values = [next(r[key] for r in rows if r["case"] == c and r["impl"] == impl)
-                      for c in cases]
-            ax.barh([y + i * width for y in range(len(cases))], values, width, label=impl)
-        ax.set_yticks([y + 0.4 - width / 2 for y in range(len(cases))], cases)
-        ax.set_xlabel(label)
-        ax.invert_yaxis()
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"fastcl DINO loss, {env['device']}, torch {env['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -104,10 +78,12 @@ def main():
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     rows = run(args.device, args.quick, args.repeats)
     print_table(rows)
-    for path, write in [(args.csv, write_csv), (args.plot, plot)]:
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write(rows, env, path)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, env, args.csv)
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, env, args.plot, title="fastcl DINO loss")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import importlib
 import os
 import warnings
 
+import torch
+
 _BUILD_HINT = (
     "fastcl's C++ extension (fastcl._C) is not built, so the CPU ops fall back to the slower PyTorch "
     "reference. Build it with:  pip install --no-build-isolation -e .   (from the fastcl checkout; "
@@ -44,6 +46,21 @@ def triton_module(family: str):
 
 def cpu_backend_name() -> str:
     return _state["cpu"]
+
+
+def kernels_for(x, family: str, triton_fits: bool = True):
+    """The module with `family`'s fast kernels for tensor x, or None to run the reference:
+    the C++ extension (or the chosen CPU backend) on CPU, Triton on CUDA when the shape fits
+    (triton_fits), the reference on any other device and for float64."""
+    if x.dtype == torch.float64:
+        return None
+    if x.device.type == "cpu":
+        if _state["cpu"] == "cpp":
+            return cpp_extension()
+        return triton_module(family) if _state["cpu"] == "triton" else None
+    if x.device.type == "cuda" and triton_fits:
+        return triton_module(family)
+    return None
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._backend import cpp_extension, cpu_backend_name, triton_module
+from fastcl._backend import kernels_for
 
 # The Triton kernels keep a whole row of features in registers; wider rows use the reference.
 TRITON_MAX_DIM = 1024
@@ -106,17 +106,7 @@ def bank_lse_ref(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor
 # Backend selection
 # ----------------------------------------------------------------------------------------------
 def _kernels(x: Tensor):
-    """The module with this family's fast kernels for x's device, or None for the reference."""
-    if x.dtype == torch.float64:
-        return None
-    if x.device.type == "cpu":
-        name = cpu_backend_name()
-        if name == "cpp":
-            return cpp_extension()
-        return triton_module("contrastive") if name == "triton" else None
-    if x.device.type == "cuda" and x.shape[-1] <= TRITON_MAX_DIM:
-        return triton_module("contrastive")
-    return None
+    return kernels_for(x, "contrastive", triton_fits=x.shape[-1] <= TRITON_MAX_DIM)
 
 
 def _split_offset(diag_offset: Optional[int]) -> tuple[int, bool]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcl._backend import cpp_extension, cpu_backend_name, triton_module
+from fastcl._backend import kernels_for
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -101,17 +101,7 @@ def dino_loss_bwd_ref(
 # Backend selection
 # ----------------------------------------------------------------------------------------------
 def _kernels(x: Tensor):
-    """The module with this family's fast kernels for x's device, or None for the reference."""
-    if x.dtype == torch.float64:
-        return None
-    if x.device.type == "cpu":
-        name = cpu_backend_name()
-        if name == "cpp":
-            return cpp_extension()
-        return triton_module("dino") if name == "triton" else None
-    if x.device.type == "cuda":
-        return triton_module("dino")
-    return None
+    return kernels_for(x, "dino")
 
 
 # ----------------------------------------------------------------------------------------------
