@@ -1,0 +1,386 @@
+// CPU kernels of the Sinkhorn-Knopp op family (SwAV's code assignment): fastcl/ops/sinkhorn.py.
+//
+// With x_bk = scores_bk * inv_eps for scores (B, K) (samples x prototypes):
+//
+//   sinkhorn_init_fwd(scores, inv_eps)          -> col_lse (K,)  = log sum_b exp(x_bk)
+//   sinkhorn_step_fwd(scores, inv_eps, log_u)   -> col_sum (K,)  = sum_b P_bk
+//   sinkhorn_codes_fwd(scores, inv_eps, log_u)  -> P (B, K) float32
+//
+// where P_bk = softmax over k of (x_bk + log_u_k): every row of P sums to 1. The Python driver
+// chains them into SwAV's algorithm in log domain (log_u = -col_lse, then log_u -= log(col_sum)
+// per extra iteration, then P); the derivation is in fastcl/ops/sinkhorn.py.
+//
+// Each call reads the scores exactly once and never writes them; only codes_fwd writes a (B, K)
+// matrix. A row is processed whole in L1-resident buffers (x, its max, exp(x - max), the row
+// sum, then P), so every row uses its own max and nothing overflows or underflows for any
+// magnitude; init_fwd keeps a running column max per prototype, updated once per block of rows,
+// so that each element costs one exp there too. Scores may be float32, bfloat16 or float16;
+// 16-bit rows are converted to float32 one block at a time, never as a whole matrix.
+//
+// Parallelism: rows are split into a fixed number of contiguous chunks, a few per thread, that
+// the threads take one at a time (on a shared machine an idle core takes over the chunks of a
+// busy one instead of waiting for it). Each chunk accumulates its own K-vector and the chunks are
+// combined in a fixed order, so results do not depend on scheduling. Column sums are accumulated
+// per block of kBlockRows rows and then added to the chunk total: fp32 rounding grows with the
+// block and block counts, not with B.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// The hot loops use at::vec: 8 AVX2 + FMA lanes, and exp_u20, its polynomial exp (about twice as
+// fast as Sleef's, a few 1e-7 relative error, 0 below FLT_MIN where terms are negligible).
+// Extensions are compiled for the baseline ISA, where at::vec falls back to scalar loops, so on
+// x86-64 with GCC this file selects AVX2 itself: the pragma below applies to at::vec, included
+// here for the first time in this translation unit, and to the kernels that follow it, up to the
+// matching pop_options. at::vec puts its code in the inline namespace at::vec::AVX2, and the
+// kernels have internal linkage, so no other translation unit can link to AVX2 code; the entry
+// points, compiled for the baseline, check the CPU before calling a kernel. Other compilers and
+// architectures get at::vec's default for the target (NEON on arm64, scalar loops otherwise).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
+#define FASTCL_SINKHORN_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// GCC's C++ front end does not define the ISA macros for a target pragma, and sleef.h declares
+// its 8-lane functions (which at::vec's other methods call) only under __AVX__ / __AVX2__: define
+// them for that header alone. at::vec itself tests CPU_CAPABILITY_AVX2 only.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define SLEEF_STATIC_LIBS
+#include <sleef.h>
+#undef __AVX2__
+#undef __AVX__
+#elif defined(__AVX2__) && defined(__FMA__)
+// Compiled for AVX2 already (e.g. -march=native): at::vec only needs to be told.
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kLanes = Vec::size();
+// Rows per block: the init pass reads a block twice (column max, then exp), the second time from
+// L2 (32 rows x K = 3000 fp32 = 384 KiB), and pays one exp per prototype per block to rescale.
+constexpr int64_t kBlockRows = 32;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+/// Lanes [j, j + kLanes) of a row of k floats; lanes at or past k read as 0.
+inline Vec load_lanes(const float* row, int64_t j, int64_t k) {
+  return j + kLanes <= k ? Vec::loadu(row + j) : Vec::loadu(row + j, k - j);
+}
+
+/// Largest lane; NaN if any lane is NaN.
+inline float lane_max(const Vec& v) {
+  return at::vec::vec_reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+inline float lane_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
+}
+
+/// Rows [r0, r0 + rows) of scores (row stride `stride`, k columns) as float32 rows of stride
+/// *out_stride: the scores themselves, or 16-bit rows converted into buf.
+template <typename T>
+const float* rows_as_float(const T* scores, int64_t stride, int64_t r0, int64_t rows, int64_t k,
+                           std::vector<float>& buf, int64_t* out_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    *out_stride = stride;
+    return scores + r0 * stride;
+  } else {
+    buf.resize(rows * k);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = scores + (r0 + r) * stride;
+      float* dst = buf.data() + r * k;
+      for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<float>(src[j]);
+    }
+    *out_stride = k;
+    return buf.data();
+  }
+}
+
+/// e[0, kp) = exp(x - max x) for x_j = row_j * inv_eps + log_u_j, where kp = round_up(k, kLanes)
+/// and log_u is padded with -inf up to kp (so e is 0 there). Returns 1 / sum_j e_j, so that
+/// e_j / sum is row P of the op, or NaN when max x is not finite (a NaN or +-inf in the row, or
+/// a row of -inf), where SwAV's code gives NaN too.
+float row_softmax_terms(const float* row, int64_t k, float inv_eps, const float* log_u,
+                        float* e) {
+  const int64_t kp = round_up(k, kLanes);
+  const Vec scale(inv_eps);
+  Vec top(-kInf);
+  for (int64_t j = 0; j < kp; j += kLanes) {
+    const Vec x = at::vec::fmadd(load_lanes(row, j, k), scale, Vec::loadu(log_u + j));
+    x.store(e + j);
+    top = at::vec::maximum(top, x);
+  }
+  const float row_max = lane_max(top);
+  if (!std::isfinite(row_max)) return std::numeric_limits<float>::quiet_NaN();
+  const Vec shift(row_max);
+  Vec total(0.f);
+  for (int64_t j = 0; j < kp; j += kLanes) {
+    const Vec ej = (Vec::loadu(e + j) - shift).exp_u20();
+    ej.store(e + j);
+    total = total + ej;
+  }
+  return 1.f / lane_sum(total);
+}
+
+/// Column (max, sum of exp(x - max)) of x = scores * inv_eps over rows [b0, b1), accumulated
+/// into col_max (init -inf) and col_sum (init 0), both padded to kp lanes (padding is ignored).
+template <typename T>
+void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
+               float* col_max, float* col_sum) {
+  const int64_t kp = round_up(k, kLanes);
+  const Vec scale(inv_eps), zero(0.f), neg_inf(-kInf);
+  std::vector<float> block_max(kp), shift(kp), converted;
+  for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, b1 - r0);
+    int64_t ld;
+    const float* x = rows_as_float(scores, stride, r0, rows, k, converted, &ld);
+    std::fill(block_max.begin(), block_max.end(), -kInf);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < kp; j += kLanes) {
+        const Vec v = load_lanes(x + r * ld, j, k) * scale;
+        at::vec::maximum(Vec::loadu(block_max.data() + j), v).store(block_max.data() + j);
+      }
+    }
+    // Move each column's running sum to the new max. A column still at -inf (all its scores so
+    // far -inf) shifts by 0 instead, avoiding (-inf) - (-inf).
+    for (int64_t j = 0; j < kp; j += kLanes) {
+      const Vec old_max = Vec::loadu(col_max + j);
+      const Vec new_max = at::vec::maximum(old_max, Vec::loadu(block_max.data() + j));
+      const Vec s = Vec::blendv(new_max, zero, new_max == neg_inf);
+      (Vec::loadu(col_sum + j) * (old_max - s).exp_u20()).store(col_sum + j);
+      new_max.store(col_max + j);
+      s.store(shift.data() + j);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < kp; j += kLanes) {
+        const Vec e = at::vec::fmsub(load_lanes(x + r * ld, j, k), scale,
+                                     Vec::loadu(shift.data() + j)).exp_u20();
+        (Vec::loadu(col_sum + j) + e).store(col_sum + j);
+      }
+    }
+  }
+}
+
+/// col_sum[0, kp) += sum over rows [b0, b1) of P_b (padding lanes get 0).
+template <typename T>
+void step_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
+               const float* log_u, float* col_sum) {
+  const int64_t kp = round_up(k, kLanes);
+  std::vector<float> e(kp), block_sum(kp), converted;
+  for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, b1 - r0);
+    int64_t ld;
+    const float* x = rows_as_float(scores, stride, r0, rows, k, converted, &ld);
+    std::fill(block_sum.begin(), block_sum.end(), 0.f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, log_u, e.data()));
+      for (int64_t j = 0; j < kp; j += kLanes) {
+        at::vec::fmadd(Vec::loadu(e.data() + j), inv_total, Vec::loadu(block_sum.data() + j))
+            .store(block_sum.data() + j);
+      }
+    }
+    for (int64_t j = 0; j < kp; j += kLanes) {
+      (Vec::loadu(col_sum + j) + Vec::loadu(block_sum.data() + j)).store(col_sum + j);
+    }
+  }
+}
+
+/// codes rows [b0, b1) (row stride k) = P.
+template <typename T>
+void codes_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
+                const float* log_u, float* codes) {
+  const int64_t kp = round_up(k, kLanes);
+  std::vector<float> e(kp), converted;
+  for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, b1 - r0);
+    int64_t ld;
+    const float* x = rows_as_float(scores, stride, r0, rows, k, converted, &ld);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, log_u, e.data()));
+      float* out = codes + (r0 + r) * k;
+      for (int64_t j = 0; j < k; j += kLanes) {
+        (Vec::loadu(e.data() + j) * inv_total).store(out + j, std::min(kLanes, k - j));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#if defined(FASTCL_SINKHORN_AVX2)
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Entry points (baseline ISA): checks, chunking, combination of the per-chunk results.
+// ---------------------------------------------------------------------------------------------
+void check_cpu_isa() {
+#if defined(FASTCL_SINKHORN_AVX2)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                __builtin_cpu_supports("f16c");
+  TORCH_CHECK(supported,
+              "fastcl's CPU Sinkhorn kernels need AVX2, FMA and F16C, which this CPU lacks; run "
+              "the PyTorch reference instead with FASTCL_CPU_BACKEND=reference");
+#endif
+}
+
+/// scores: (B, K) CPU float32/bfloat16/float16 with unit column stride (copied only if not).
+Tensor checked_scores(const Tensor& scores) {
+  check_cpu_isa();
+  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "scores must be 2-D (B, K), got shape ", scores.sizes());
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "scores must be float32, bfloat16 or float16, got ", dtype);
+  return scores.stride(1) == 1 ? scores : scores.contiguous();
+}
+
+/// log_u: (K,) float32 -> a vector padded with -inf to a whole number of lanes.
+std::vector<float> padded_log_u(const Tensor& log_u, int64_t k) {
+  TORCH_CHECK(log_u.device().is_cpu() && log_u.scalar_type() == at::kFloat,
+              "log_u must be a float32 CPU tensor, got ", log_u.scalar_type(), " on ",
+              log_u.device());
+  TORCH_CHECK(log_u.dim() == 1 && log_u.size(0) == k, "log_u must have shape (", k, ",), got ",
+              log_u.sizes());
+  const Tensor src = log_u.contiguous();
+  std::vector<float> out(round_up(k, kLanes), -kInf);
+  std::copy(src.const_data_ptr<float>(), src.const_data_ptr<float>() + k, out.begin());
+  return out;
+}
+
+/// Calls fn(ptr) with scores' data as const float*, const BFloat16* or const Half*.
+template <typename Fn>
+void with_scores(const Tensor& scores, Fn&& fn) {
+  switch (scores.scalar_type()) {
+    case at::kFloat: return fn(scores.const_data_ptr<float>());
+    case at::kBFloat16: return fn(scores.const_data_ptr<at::BFloat16>());
+    case at::kHalf: return fn(scores.const_data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "unsupported scores dtype ", scores.scalar_type());
+  }
+}
+
+/// Number of row chunks for b rows: a few per thread, each of at least one block of rows.
+int64_t num_chunks(int64_t b) {
+  constexpr int64_t kChunksPerThread = 4;
+  const int64_t blocks = (b + kBlockRows - 1) / kBlockRows;
+  return std::max<int64_t>(1, std::min(blocks, kChunksPerThread * at::get_num_threads()));
+}
+
+/// Calls fn(chunk, b0, b1) for the `chunks` contiguous row ranges of b rows, on every thread,
+/// each taking the next chunk when it is done with one.
+template <typename Fn>
+void for_each_chunk(int64_t b, int64_t chunks, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) fn(c, b * c / chunks, b * (c + 1) / chunks);
+  });
+}
+
+/// col_lse (K,) float32 = log sum_b exp(scores_bk * inv_eps), for any magnitude.
+Tensor sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
+  const Tensor scores = checked_scores(scores_in);
+  const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
+  const int64_t chunks = num_chunks(b);
+  std::vector<float> chunk_max(chunks * kp, -kInf), chunk_sum(chunks * kp, 0.f);
+  with_scores(scores, [&](auto* data) {
+    for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
+      init_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps),
+                chunk_max.data() + c * kp, chunk_sum.data() + c * kp);
+    });
+  });
+  Tensor lse = at::empty({k}, scores.options().dtype(at::kFloat));
+  float* out = lse.mutable_data_ptr<float>();
+  for (int64_t j = 0; j < k; ++j) {
+    // A NaN or +inf score, or a column of -inf, makes SwAV's code NaN: so is the lse then.
+    float top = -kInf;
+    bool finite = true;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float m = chunk_max[c * kp + j];
+      finite = finite && !std::isnan(m) && m != kInf;
+      top = std::max(top, m);
+    }
+    if (!finite || top == -kInf) {
+      out[j] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      total += chunk_sum[c * kp + j] * std::exp(chunk_max[c * kp + j] - top);
+    }
+    out[j] = top + std::log(total);
+  }
+  return lse;
+}
+
+/// col_sum (K,) float32 = sum_b P_bk with P_b = softmax_k(scores_bk * inv_eps + log_u_k).
+Tensor sinkhorn_step_fwd(const Tensor& scores_in, double inv_eps, const Tensor& log_u_in) {
+  const Tensor scores = checked_scores(scores_in);
+  const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
+  const std::vector<float> log_u = padded_log_u(log_u_in, k);
+  const int64_t chunks = num_chunks(b);
+  std::vector<float> chunk_sum(chunks * kp, 0.f);
+  with_scores(scores, [&](auto* data) {
+    for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
+      step_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
+                chunk_sum.data() + c * kp);
+    });
+  });
+  Tensor col_sum = at::zeros({k}, scores.options().dtype(at::kFloat));
+  float* out = col_sum.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t j = 0; j < k; ++j) out[j] += chunk_sum[c * kp + j];
+  }
+  return col_sum;
+}
+
+/// codes (B, K) float32 = P, each row summing to 1.
+Tensor sinkhorn_codes_fwd(const Tensor& scores_in, double inv_eps, const Tensor& log_u_in) {
+  const Tensor scores = checked_scores(scores_in);
+  const int64_t b = scores.size(0), k = scores.size(1);
+  const std::vector<float> log_u = padded_log_u(log_u_in, k);
+  Tensor codes = at::empty({b, k}, scores.options().dtype(at::kFloat));
+  float* out = codes.mutable_data_ptr<float>();
+  with_scores(scores, [&](auto* data) {
+    for_each_chunk(b, num_chunks(b), [&](int64_t, int64_t b0, int64_t b1) {
+      codes_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
+                 out);
+    });
+  });
+  return codes;
+}
+
+}  // namespace
+
+// Registered into fastcl._C by csrc/bindings.cpp.
+void bind_sinkhorn(pybind11::module_& m) {
+  // The kernels run on ATen threads only and never touch Python objects: release the GIL.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("sinkhorn_init_fwd", &sinkhorn_init_fwd,
+        "scores (B, K), inv_eps -> col_lse (K,) = log sum_b exp(scores_bk * inv_eps)",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), nogil);
+  m.def("sinkhorn_step_fwd", &sinkhorn_step_fwd,
+        "scores (B, K), inv_eps, log_u (K,) -> col_sum (K,) = sum_b softmax_k(x_b + log_u)",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+  m.def("sinkhorn_codes_fwd", &sinkhorn_codes_fwd,
+        "scores (B, K), inv_eps, log_u (K,) -> codes (B, K) = softmax_k(x_b + log_u)",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+}

@@ -1,0 +1,151 @@
+"""Triton kernels of the Sinkhorn-Knopp op family (CUDA; tested on CPU under TRITON_INTERPRET=1).
+
+The three passes of fastcl/ops/sinkhorn.py, with x_bk = scores_bk * inv_eps for scores (B, K):
+
+* ``sinkhorn_init_fwd``: col_lse_k = log sum_b exp(x_bk). ``_sinkhorn_init_fwd_kernel`` runs on
+  (row split, column block) tiles, each keeping an online (max, sum) per column over its rows;
+  the splits' partial (max, sum) are merged in torch.
+* ``sinkhorn_step_fwd``: col_sum_k = sum_b P_bk with P_bk = softmax_k(x_bk + log_u_k).
+* ``sinkhorn_codes_fwd``: P.
+  Both run ``_sinkhorn_rows_fwd_kernel``: a program owns BLOCK_B whole rows at a time; a first
+  sweep over the columns keeps an online (max, sum) per row, giving the row's lse; a second one
+  computes P = exp(x + log_u - lse) and stores it (CODES), or adds its column sums to the
+  program's own row of a (programs, K) buffer of partial sums, summed in torch (no atomics, so
+  the result is deterministic). The second sweep re-reads rows the first one just read, from
+  L1/L2, so each pass reads the scores once from HBM (at B = 4096, K = 3000 fp32 the matrix is
+  49 MB, about an H100's L2, so later passes may mostly hit L2).
+
+Any magnitude is exact (every exp is shifted by a running max); a NaN or +inf score makes every
+code NaN, as in SwAV's code. Offsets are 64-bit. Block sizes and program counts are keyword
+arguments so that tests can make them small. Nothing here queries the GPU at import time.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_logits(s_ptr, rows, cols, n_rows, K, stride_b, stride_k, inv_eps):
+    """(rows, cols) tile of x = scores * inv_eps in float32, -inf outside [0, n_rows) x [0, K)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < K)
+    offs = rows[:, None].to(tl.int64) * stride_b + cols[None, :].to(tl.int64) * stride_k
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, s * inv_eps, float("-inf"))
+
+
+@triton.jit
+def _online_lse_update(m, l, x, AXIS: tl.constexpr):
+    """Merges the tile x into running (max m, sum l of exp(x - m)) along AXIS -> (m, l)."""
+    m_new = tl.maximum(m, tl.max(x, AXIS))
+    # Where nothing finite was seen yet the max is -inf: shift by 0, avoiding (-inf) - (-inf).
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift_b = shift[None, :] if AXIS == 0 else shift[:, None]
+    return m_new, l * tl.exp(m - shift) + tl.sum(tl.exp(x - shift_b), AXIS)
+
+
+@triton.jit
+def _sinkhorn_init_fwd_kernel(
+    s_ptr,  # (B, K) scores
+    max_ptr,  # (splits, K) float32, out: column max of x over the split's rows
+    sum_ptr,  # (splits, K) float32, out: column sum of exp(x - max) over the split's rows
+    B, K, stride_b, stride_k,
+    inv_eps,
+    rows_per_split,  # a multiple of BLOCK_B
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    first = split * rows_per_split
+    last = tl.minimum(first + rows_per_split, B)
+    m = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_K], tl.float32)
+    for start in range(first, last, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        x = _load_logits(s_ptr, rows, cols, last, K, stride_b, stride_k, inv_eps)
+        m, l = _online_lse_update(m, l, x, 0)
+    offs = split.to(tl.int64) * K + cols
+    tl.store(max_ptr + offs, m, mask=cols < K)
+    tl.store(sum_ptr + offs, l, mask=cols < K)
+
+
+@triton.jit
+def _sinkhorn_rows_fwd_kernel(
+    s_ptr,  # (B, K) scores
+    log_u_ptr,  # (K,) float32
+    out_ptr,  # CODES: (B, K) float32 codes; else (programs, K) float32 zero-filled column sums
+    B, K, stride_b, stride_k,
+    inv_eps,
+    CODES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    for first in range(pid * BLOCK_B, B, tl.num_programs(0) * BLOCK_B):
+        rows = first + tl.arange(0, BLOCK_B)
+        # Sweep 1: the lse of each row of x + log_u.
+        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_B], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            log_u = tl.load(log_u_ptr + cols, mask=cols < K, other=float("-inf"))
+            x = _load_logits(s_ptr, rows, cols, B, K, stride_b, stride_k, inv_eps)
+            m, l = _online_lse_update(m, l, x + log_u[None, :], 1)
+        # Rows past B saw only -inf: lse 0 for them (not log(0) = -inf, which would give NaN).
+        row_ok = rows < B
+        lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, l, 1.0)), 0.0)
+        # Sweep 2: P = exp(x + log_u - lse), which is 0 outside the matrix (x = -inf there).
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            log_u = tl.load(log_u_ptr + cols, mask=cols < K, other=float("-inf"))
+            x = _load_logits(s_ptr, rows, cols, B, K, stride_b, stride_k, inv_eps)
+            p = tl.exp(x + log_u[None, :] - lse[:, None])
+            if CODES:
+                offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+                tl.store(out_ptr + offs, p, mask=row_ok[:, None] & (cols[None, :] < K))
+            else:
+                acc_ptr = out_ptr + pid.to(tl.int64) * K + cols
+                acc = tl.load(acc_ptr, mask=cols < K, other=0.0)
+                tl.store(acc_ptr, acc + tl.sum(p, 0), mask=cols < K)
+
+
+def sinkhorn_init_fwd(scores, inv_eps, *, block_b=32, block_k=128, max_programs=1024):
+    """scores (B, K), inv_eps -> col_lse (K,) float32 = log sum_b exp(scores_bk * inv_eps).
+
+    Rows are split so that about max_programs (split, column block) programs run."""
+    b, k = scores.shape
+    col_blocks = triton.cdiv(k, block_k)
+    splits = max(1, min(triton.cdiv(b, block_b), max_programs // col_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(b, splits), block_b) * block_b
+    splits = triton.cdiv(b, rows_per_split)  # every split gets at least one row
+    part_max = torch.empty(splits, k, dtype=torch.float32, device=scores.device)
+    part_sum = torch.empty_like(part_max)
+    _sinkhorn_init_fwd_kernel[(splits, col_blocks)](
+        scores, part_max, part_sum, b, k, scores.stride(0), scores.stride(1), float(inv_eps),
+        rows_per_split, BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    top = part_max.amax(0)
+    return top + (part_sum * torch.exp(part_max - top)).sum(0).log()
+
+
+def sinkhorn_step_fwd(scores, inv_eps, log_u, *, block_b=8, block_k=512, max_programs=512):
+    """scores (B, K), inv_eps, log_u (K,) -> col_sum (K,) float32 = sum_b softmax_k(x_b + log_u)."""
+    b, k = scores.shape
+    programs = min(triton.cdiv(b, block_b), max_programs)
+    partial = torch.zeros(programs, k, dtype=torch.float32, device=scores.device)
+    _sinkhorn_rows_fwd_kernel[(programs,)](
+        scores, log_u.float().contiguous(), partial, b, k, scores.stride(0), scores.stride(1),
+        float(inv_eps), CODES=False, BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    return partial.sum(0)
+
+
+def sinkhorn_codes_fwd(scores, inv_eps, log_u, *, block_b=8, block_k=512):
+    """scores (B, K), inv_eps, log_u (K,) -> codes (B, K) float32 = softmax_k(x_b + log_u)."""
+    b, k = scores.shape
+    codes = torch.empty(b, k, dtype=torch.float32, device=scores.device)
+    _sinkhorn_rows_fwd_kernel[(triton.cdiv(b, block_b),)](
+        scores, log_u.float().contiguous(), codes, b, k, scores.stride(0), scores.stride(1),
+        float(inv_eps), CODES=True, BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    return codes

@@ -1,0 +1,240 @@
+"""fastcl::sinkhorn (SwAV's Sinkhorn-Knopp codes) on every backend against the float64 references:
+SwAV's literal code wherever it is finite, the log-domain math everywhere (overflow cases
+included); 16-bit and strided inputs, NaN, input checks, no gradient, torch.compile, opcheck, the
+Triton kernels with tiny blocks, and gather=True over 2 gloo processes."""
+import os
+import socket
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref, sinkhorn_ref
+
+# Codes vs the float64 truth computed from the same (rounded) inputs: |err| <= RTOL * |truth| +
+# ATOL. fp32 rounding of scores / eps and of the log scalings gives a few 1e-6 relative; entries
+# below ~1e-38 flush to 0, hence the tiny ATOL. 16-bit inputs only differ in rounding before it.
+RTOL, ATOL = 5e-5, 1e-30
+
+
+def similarities(b, k, scale=1.0, device="cpu", dtype=torch.float32):
+    """SwAV-like scores (b, k): cosine similarities of random unit embeddings and prototypes,
+    times scale, rounded to dtype."""
+    z = F.normalize(torch.randn(b, 32, dtype=torch.float64), dim=1)
+    c = F.normalize(torch.randn(k, 32, dtype=torch.float64), dim=1)
+    return (scale * z @ c.T).to(device=device, dtype=dtype)
+
+
+def assert_codes(codes, truth, what="codes", rtol=RTOL):
+    """codes (B, K) float32 against the float64 truth, elementwise, and rows summing to 1."""
+    assert codes.dtype == torch.float32 and codes.shape == truth.shape, what
+    assert not codes.requires_grad, what
+    codes = codes.detach().double().cpu()
+    truth = truth.cpu()
+    err = ((codes - truth).abs() - rtol * truth.abs()).max().item()
+    assert err <= ATOL, f"{what}: error {err:.3g} above rtol {rtol}"
+    assert (codes.sum(1) - 1).abs().max().item() < 1e-5, f"{what}: rows do not sum to 1"
+
+
+# --- against the references --------------------------------------------------------------------
+@pytest.mark.parametrize("b,k", [(1, 1), (3, 7), (127, 300), (64, 3000)])
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("epsilon", [0.05, 0.5])
+def test_matches_swav(backend, b, k, iterations, epsilon):
+    """fp32 scores in SwAV's range: equal to SwAV's code run in float64, and to the log-domain
+    reference (which must equal SwAV's code: it is the truth of the overflow tests)."""
+    scores = similarities(b, k, device=backend)
+    swav64 = sinkhorn_ref(scores.double(), epsilon, iterations)
+    torch.testing.assert_close(sinkhorn_log_ref(scores.double(), epsilon, iterations), swav64,
+                               rtol=1e-10, atol=1e-14)
+    assert_codes(sinkhorn(scores, epsilon, iterations), swav64)
+
+
+def test_iterations_matter():
+    """The tolerance above is far below what one iteration more or less changes."""
+    scores = similarities(127, 300)
+    q3, q4 = sinkhorn_ref(scores.double(), 0.05, 3), sinkhorn_ref(scores.double(), 0.05, 4)
+    assert ((q4 - q3).abs() / q3).max() > 1e3 * RTOL
+
+
+def planted_scores(b, k, scale, device="cpu", dtype=torch.float32):
+    """scale * cosine similarities where row i matches prototype i exactly (score = scale)."""
+    z = F.normalize(torch.randn(b, 32, dtype=torch.float64), dim=1)
+    c = F.normalize(torch.randn(k, 32, dtype=torch.float64), dim=1)
+    c[: min(b, k)] = z[: min(b, k)]
+    return (scale * z @ c.T).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_scores_do_not_overflow(backend, dtype):
+    """SwAV's code computes in the scores' dtype: in fp16 at eps 0.05 it overflows as soon as a
+    score exceeds 0.55. Ours computes in fp32 from the rounded scores."""
+    scores = planted_scores(127, 300, 1.0, backend, dtype)
+    if dtype == torch.float16:
+        assert not sinkhorn_ref(scores).isfinite().all()
+    assert_codes(sinkhorn(scores), sinkhorn_ref(scores.double()))
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_fp32_overflow_of_swav_code(backend, iterations):
+    """Scores up to 5 at eps 0.05: exp(100) overflows fp32, so SwAV's code gives NaN; it does not
+    overflow in float64, and ours equals that."""
+    scores = planted_scores(64, 300, 5.0, backend)
+    assert sinkhorn_ref(scores, 0.05, iterations).isnan().any()
+    swav64 = sinkhorn_ref(scores.double(), 0.05, iterations)
+    assert swav64.isfinite().all()
+    assert_codes(sinkhorn(scores, 0.05, iterations), swav64)
+
+
+def test_extreme_magnitudes(backend):
+    """Scores of +-50 at eps 0.05 (exp(1000) overflows even float64), plus a sample far below
+    every other one and a prototype far below every other one: with a single global max shift,
+    their exps would underflow to 0 and give 0/0. Compared with the float64 log-domain truth;
+    fp32 holds scores / eps ~ 1000 to ~6e-5, so exps are relatively that accurate."""
+    scores = planted_scores(127, 300, 50.0, backend)
+    scores[5] -= 60.0  # a sample whose best score is far below everyone else's
+    scores[:, 7] -= 60.0  # a prototype that no sample is close to
+    assert sinkhorn_ref(scores.double(), 0.05, 3).isnan().any()
+    assert_codes(sinkhorn(scores, 0.05, 3), sinkhorn_log_ref(scores.double(), 0.05, 3),
+                 rtol=1e-3)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+def test_strided_scores(backend):
+    """A transposed (column-major) view and a row-strided slice give the contiguous result."""
+    base = similarities(300, 127, device=backend)
+    for scores in (base.T, base[::2]):
+        assert_codes(sinkhorn(scores), sinkhorn_ref(scores.contiguous().double()), "strided")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy: inf - inf
+def test_nan_propagates(backend, bad):
+    """As in SwAV's code, a NaN or +inf score makes every code NaN (it enters every
+    normalization); a -inf score only gets weight 0."""
+    scores = similarities(20, 30, device=backend)
+    scores[3, 4] = bad
+    assert sinkhorn(scores).isnan().all()
+    scores[3, 4] = float("-inf")
+    codes = sinkhorn(scores)
+    assert codes[3, 4] == 0
+    assert_codes(codes, sinkhorn_ref(scores.double()))
+
+
+def test_no_gradient(backend):
+    scores = similarities(5, 9, device=backend).requires_grad_()
+    codes = sinkhorn(scores)
+    assert not codes.requires_grad and codes.grad_fn is None
+
+
+def test_float64_runs_the_reference():
+    scores = similarities(9, 11, dtype=torch.float64)
+    codes = sinkhorn(scores)
+    assert codes.dtype == torch.float64
+    torch.testing.assert_close(codes, sinkhorn_ref(scores), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(scores=torch.zeros(3)), ValueError, "scores must have 2 dimensions"),
+    (dict(scores=torch.zeros(2, 3, 4)), ValueError, "scores must have 2 dimensions"),
+    (dict(scores=torch.zeros(0, 3)), ValueError, "scores must not be empty"),
+    (dict(scores=torch.zeros(3, 0)), ValueError, "scores must not be empty"),
+    (dict(scores=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "scores must be float32"),
+    (dict(scores=[[1.0, 2.0]]), TypeError, "scores must be a torch.Tensor"),
+    (dict(epsilon=0.0), ValueError, "epsilon must be a finite number > 0"),
+    (dict(epsilon=-0.1), ValueError, "epsilon must be a finite number > 0"),
+    (dict(epsilon=float("inf")), ValueError, "epsilon must be a finite number > 0"),
+    (dict(epsilon=float("nan")), ValueError, "epsilon must be a finite number > 0"),
+    (dict(epsilon="0.05"), TypeError, "epsilon must be a float"),
+    (dict(epsilon=torch.tensor(0.05)), TypeError, "epsilon must be a float"),
+    (dict(iterations=0), ValueError, "iterations must be >= 1"),
+    (dict(iterations=3.0), TypeError, "iterations must be an int"),
+    (dict(iterations=True), TypeError, "iterations must be an int"),
+])
+def test_bad_input(kwargs, error, match):
+    args = dict(scores=torch.randn(4, 5), epsilon=0.05, iterations=3) | kwargs
+    with pytest.raises(error, match=match):
+        sinkhorn(**args)
+
+
+# --- torch.compile, opcheck, Triton block sizes -------------------------------------------------
+def test_compile_fullgraph(backend):
+    scores = similarities(33, 70, device=backend)
+
+    def codes_of(x):
+        return sinkhorn(x, 0.05, 3)
+
+    codes = torch.compile(codes_of, fullgraph=True, backend="aot_eager")(scores.requires_grad_())
+    assert not codes.requires_grad
+    torch.testing.assert_close(codes, sinkhorn(scores), rtol=0, atol=0)
+
+
+def test_opcheck(backend):
+    scores = similarities(19, 33, device=backend)
+    torch.library.opcheck(torch.ops.fastcl.sinkhorn.default, (scores, 0.05, 3, False))
+    torch.library.opcheck(torch.ops.fastcl.sinkhorn.default, (scores.half(), 0.5, 1, True))
+
+
+def test_triton_small_blocks():
+    """The Triton launchers with blocks far smaller than the matrix: several row splits in the
+    first pass, several row blocks per program (and partial-sum rows) in the others."""
+    pytest.importorskip("triton")
+    from fastcl.kernels import sinkhorn as kernels
+
+    small = SimpleNamespace(
+        sinkhorn_init_fwd=partial(kernels.sinkhorn_init_fwd, block_b=4, block_k=16,
+                                  max_programs=20),
+        sinkhorn_step_fwd=partial(kernels.sinkhorn_step_fwd, block_b=4, block_k=16,
+                                  max_programs=3),
+        sinkhorn_codes_fwd=partial(kernels.sinkhorn_codes_fwd, block_b=4, block_k=16),
+    )
+    scores = similarities(61, 45)
+    assert_codes(_sinkhorn_fused(small, scores, 0.05, 3, False), sinkhorn_ref(scores.double()))
+
+
+# --- gather=True over 2 processes ---------------------------------------------------------------
+WORLD, ROWS, PROTOTYPES = 2, 9, 20
+
+
+def _worker(rank, port, scores, results):
+    from fastcl.ops import cpu_backend
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mine = scores[rank * ROWS : (rank + 1) * ROWS]
+    try:
+        for name in ("cpp", "reference"):
+            with cpu_backend(name):
+                results[(name, rank)] = sinkhorn(mine, 0.05, 3, gather=True)
+        results[("swav", rank)] = sinkhorn_ref(mine, 0.05, 3, gather=True)
+        results[("log", rank)] = sinkhorn_log_ref(mine, 0.05, 3, gather=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_process_gather_equals_one_process():
+    """Each rank's codes with gather=True are its rows of the single-process codes of all rows,
+    for the fused op (C++ kernels and reference backend) and for both references."""
+    scores = planted_scores(WORLD * ROWS, PROTOTYPES, 1.0, "cpu")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), scores, results), nprocs=WORLD, join=True)
+        results = dict(results)
+    truth = sinkhorn_ref(scores.double(), 0.05, 3)
+    for name in ("cpp", "reference", "swav", "log"):
+        gathered = torch.cat([results[(name, r)] for r in range(WORLD)])
+        assert_codes(gathered.float(), truth, name)
+        # gather=False on a rank's rows alone is a different problem: the test can tell.
+        alone = sinkhorn_ref(scores[:ROWS].double(), 0.05, 3)
+        assert (results[(name, 0)].double() - alone).abs().max() > 1e3 * RTOL
