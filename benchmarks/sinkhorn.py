@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from contrastive import environment, median_seconds, peak_memory, print_table, write_csv
+from contrastive import environment, median_seconds, peak_memory, plot, print_table, write_csv
 from fastcl.ops.sinkhorn import sinkhorn, sinkhorn_ref
 
 MiB = 2**20
@@ -59,32 +59,6 @@ def run(device: str, quick: bool, repeats: int):
     return rows
 
 
-def plot(rows, env, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    case_names = list(dict.fromkeys(r["case"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.8 * len(case_names) + 2.5))
-    width = 0.8 / len(impls)
-    for ax, key, label in [(axes[0], "ms", "time (ms)"),
-                           (axes[1], "peak_extra_mib", "peak memory above the scores (MiB)")]:
-        for i, impl in enumerate(impls):
-            values = {r["case"]: r[key] for r in rows if r["impl"] == impl}
-            ys = [y for y, c in enumerate(case_names) if c in values]
-            ax.barh([y + i * width for y in ys], [values[case_names[y]] for y in ys], width,
-                    label=impl)
-        ax.set_yticks([y + 0.4 - width / 2 for y in range(len(case_names))], case_names)
-        ax.set_xlabel(label)
-        ax.invert_yaxis()
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"fastcl Sinkhorn-Knopp (SwAV codes), {env['device']}, torch {env['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -106,7 +80,7 @@ def main():
         write_csv(rows, env, args.csv)
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, env, args.plot)
+        plot(rows, env, args.plot, title="fastcl Sinkhorn-Knopp")
 
 
 if __name__ == "__main__":
