@@ -1,9 +1,12 @@
 """Test set-up: Triton kernels run under the interpreter on machines without a GPU; that must be
 decided before triton is first imported."""
 import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -45,3 +48,24 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_on_ranks(worker, *args, world=2):
+    """Runs worker(rank, results, *args) in `world` gloo processes on this machine; returns the
+    dict the workers filled."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank_main, args=(world, port, worker, args, results), nprocs=world, join=True)
+        return dict(results)
+
+
+def _rank_main(rank, world, port, worker, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, results, *args)
+    finally:
+        dist.destroy_process_group()

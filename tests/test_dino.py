@@ -3,14 +3,12 @@ under a random upstream scalar, awkward shapes, every dtype, extreme logits, no 
 teacher or the center; the Triton kernels' block/split merging; the op's registration (opcheck,
 torch.compile); DINOLoss's center update and temperature schedule against the official code's
 formulas and lightly's; the center all-reduce over 2 gloo processes; bad input."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_on_ranks
 from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_ref, teacher_temp_schedule
 from fastcl.ops import dino as ops
 
@@ -272,21 +270,10 @@ def test_module_compiles():
 WORLD = 2
 
 
-def _worker(rank, port, students, teachers, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        loss_fn = DINOLoss(teachers.shape[-1], center_momentum=0.7)
-        losses = [loss_fn(students[step, rank], teachers[step, rank]) for step in range(2)]
-        results[rank] = (torch.stack(losses).detach(), loss_fn.center.clone())
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _worker(rank, results, students, teachers):
+    loss_fn = DINOLoss(teachers.shape[-1], center_momentum=0.7)
+    losses = [loss_fn(students[step, rank], teachers[step, rank]) for step in range(2)]
+    results[rank] = (torch.stack(losses).detach(), loss_fn.center.clone())
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -296,11 +283,7 @@ def test_two_process_center_all_reduce():
     steps, s, t, b, k = 2, 3, 2, 2, 12
     students = torch.randn(steps, WORLD, s, b, k)
     teachers = torch.randn(steps, WORLD, t, b, k)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), students, teachers, results), nprocs=WORLD,
-                 join=True)
-        results = dict(results)
+    results = run_on_ranks(_worker, students, teachers, world=WORLD)
 
     center = torch.zeros(1, k, dtype=torch.float64)
     for step in range(steps):

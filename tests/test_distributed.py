@@ -1,13 +1,11 @@
 """gather=True with 2 gloo processes on CPU: W ranks x N rows give the same loss and gradients as
 one process holding all W * N rows (the gradient of a rank's rows sums every rank's loss)."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_on_ranks
 from fastcl import info_nce, nt_xent, supcon
 
 WORLD, N, D = 2, 6, 10
@@ -25,35 +23,21 @@ def _losses():
     }
 
 
-def _worker(rank, port, z1, z2, labels, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, results, z1, z2, labels):
     rows = slice(rank * N, (rank + 1) * N)
-    try:
-        for name, loss_fn in _losses().items():
-            a = z1[rows].clone().requires_grad_()
-            b = z2[rows].clone().requires_grad_()
-            loss = loss_fn(a, b, labels[rows], True)
-            loss.backward()
-            results[(name, rank)] = (loss.detach(), a.grad, b.grad)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name, loss_fn in _losses().items():
+        a = z1[rows].clone().requires_grad_()
+        b = z2[rows].clone().requires_grad_()
+        loss = loss_fn(a, b, labels[rows], True)
+        loss.backward()
+        results[(name, rank)] = (loss.detach(), a.grad, b.grad)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_process_gather_equals_one_process():
     z1, z2 = torch.randn(WORLD * N, D), torch.randn(WORLD * N, D)
     labels = torch.randint(0, 4, (WORLD * N,))
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), z1, z2, labels, results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_ranks(_worker, z1, z2, labels, world=WORLD)
 
     for name, loss_fn in _losses().items():
         a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()

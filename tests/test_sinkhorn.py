@@ -2,17 +2,15 @@
 SwAV's literal code wherever it is finite, the log-domain math everywhere (overflow cases
 included); 16-bit and strided inputs, NaN, input checks, no gradient, torch.compile, opcheck, the
 Triton kernels with tiny blocks, and gather=True over 2 gloo processes."""
-import os
-import socket
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import run_on_ranks
 from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref, sinkhorn_ref
 
 # Codes vs the float64 truth computed from the same (rounded) inputs: |err| <= RTOL * |truth| +
@@ -200,26 +198,15 @@ def test_triton_small_blocks():
 WORLD, ROWS, PROTOTYPES = 2, 9, 20
 
 
-def _worker(rank, port, scores, results):
+def _worker(rank, results, scores):
     from fastcl.ops import cpu_backend
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     mine = scores[rank * ROWS : (rank + 1) * ROWS]
-    try:
-        for name in ("cpp", "reference"):
-            with cpu_backend(name):
-                results[(name, rank)] = sinkhorn(mine, 0.05, 3, gather=True)
-        results[("swav", rank)] = sinkhorn_ref(mine, 0.05, 3, gather=True)
-        results[("log", rank)] = sinkhorn_log_ref(mine, 0.05, 3, gather=True)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name in ("cpp", "reference"):
+        with cpu_backend(name):
+            results[(name, rank)] = sinkhorn(mine, 0.05, 3, gather=True)
+    results[("swav", rank)] = sinkhorn_ref(mine, 0.05, 3, gather=True)
+    results[("log", rank)] = sinkhorn_log_ref(mine, 0.05, 3, gather=True)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -227,10 +214,7 @@ def test_two_process_gather_equals_one_process():
     """Each rank's codes with gather=True are its rows of the single-process codes of all rows,
     for the fused op (C++ kernels and reference backend) and for both references."""
     scores = planted_scores(WORLD * ROWS, PROTOTYPES, 1.0, "cpu")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), scores, results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_ranks(_worker, scores, world=WORLD)
     truth = sinkhorn_ref(scores.double(), 0.05, 3)
     for name in ("cpp", "reference", "swav", "log"):
         gathered = torch.cat([results[(name, r)] for r in range(WORLD)])
