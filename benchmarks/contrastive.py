@@ -128,22 +128,27 @@ def run(device: str, quick: bool, repeats: int, only: str = ""):
             impls = dict(impls, **{f"{k} + torch.compile": torch.compile(v)
                                    for k, v in impls.items() if k.startswith("naive")})
         inputs = make_inputs()
-        results = {}
-        for impl, loss_fn in impls.items():
-            step = forward_backward(loss_fn, inputs)
-            try:
-                seconds = median_seconds(step, device, repeats)  # warms up first
-                memory = peak_memory(step, device)
-            except torch.OutOfMemoryError:
-                memory = seconds = float("nan")
-            results[impl] = (seconds, memory)
-        baseline = next((v[0] for k, v in results.items() if k.startswith("naive")), float("nan"))
-        for impl, (seconds, memory) in results.items():
-            rows.append({"case": name, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
-                         "ms": seconds * 1e3, "speedup_vs_naive": baseline / seconds,
-                         "peak_extra_mib": memory / MiB})
-        del inputs
+        steps = {impl: forward_backward(fn, inputs) for impl, fn in impls.items()}
+        rows += measure_case(name, dtype, steps, device, repeats, baseline="naive")
+        del inputs, steps
     return rows
+
+
+def measure_case(case, dtype, steps, device, repeats, baseline):
+    """Table rows for one case: each implementation's step() timed and its peak memory measured
+    in this process; speed-ups are relative to the implementation named `baseline`."""
+    results = {}
+    for impl, step in steps.items():
+        try:
+            seconds = median_seconds(step, device, repeats)  # warms up first
+            memory = peak_memory(step, device)
+        except torch.OutOfMemoryError:
+            seconds = memory = float("nan")
+        results[impl] = (seconds, memory)
+    base = results[baseline][0] if baseline in results else float("nan")
+    return [{"case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+             "ms": seconds * 1e3, "speedup_vs_naive": base / seconds,
+             "peak_extra_mib": memory / MiB} for impl, (seconds, memory) in results.items()]
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -219,12 +224,14 @@ def plot(rows, env, path, title="fastcl contrastive losses"):
     fig.savefig(path, dpi=110)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_main(description, run, title, default_repeats=5):
+    """The command line every benchmark shares: run(device, quick, repeats, only) -> rows."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case")
+    parser.add_argument("--repeats", type=int, default=default_repeats,
+                        help="timed repetitions per case")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
     parser.add_argument("--plot", type=Path, help="write a PNG bar chart to this file")
@@ -244,8 +251,8 @@ def main():
         write_csv(rows, env, args.csv)
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, env, args.plot)
+        plot(rows, env, args.plot, title)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__.split("\n")[0], run, "fastcl contrastive losses")

@@ -10,13 +10,9 @@ resident set size, GPU: torch's allocator), with the helpers of benchmarks/contr
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from contrastive import (MiB, environment, forward_backward, median_seconds, peak_memory, plot,
-                         print_table, write_csv)
+from contrastive import bench_main, forward_backward, measure_case
 from fastcl.losses.dino import dino_loss, dino_loss_ref
 
 
@@ -35,7 +31,7 @@ def make_inputs(s, t, b, k, device, dtype):
     return [student, teacher, center]
 
 
-def run(device: str, quick: bool, repeats: int):
+def run(device: str, quick: bool, repeats: int, only: str = ""):
     s, t, b, k = 10, 2, 64, 8192 if quick else 65536
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     impls = {"fastcl": dino_loss, "official (DINO code)": dino_loss_ref}
@@ -45,46 +41,11 @@ def run(device: str, quick: bool, repeats: int):
     rows = []
     for mode, closure in [("fwd+bwd", forward_backward), ("fwd", forward_only)]:
         case = f"dino S={s} T={t} B={b} K={k} {mode}"
-        results = {}
-        for impl, loss_fn in impls.items():
-            step = closure(loss_fn, inputs)
-            try:
-                seconds = median_seconds(step, device, repeats)  # warms up first
-                memory = peak_memory(step, device)
-            except torch.OutOfMemoryError:
-                seconds = memory = float("nan")
-            results[impl] = (seconds, memory)
-        baseline = results["official (DINO code)"][0]
-        for impl, (seconds, memory) in results.items():
-            rows.append({"case": case, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
-                         "ms": seconds * 1e3, "speedup_vs_naive": baseline / seconds,
-                         "peak_extra_mib": memory / MiB})
+        if only in case:
+            steps = {impl: closure(loss_fn, inputs) for impl, loss_fn in impls.items()}
+            rows += measure_case(case, dtype, steps, device, repeats, "official (DINO code)")
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="K = 8192 (smoke test)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case")
-    parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
-    parser.add_argument("--plot", type=Path, help="write a PNG bar chart to this file")
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-
-    env = environment(args.device)
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
-    rows = run(args.device, args.quick, args.repeats)
-    print_table(rows)
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, env, args.csv)
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, env, args.plot, title="fastcl DINO loss")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__.split("\n")[0], run, "fastcl DINO loss")

@@ -11,15 +11,10 @@ Prints a table of median time and peak memory above the inputs for each case and
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from contrastive import environment, median_seconds, peak_memory, plot, print_table, write_csv
+from contrastive import bench_main, measure_case
 from fastcl.ops.sinkhorn import sinkhorn, sinkhorn_ref
-
-MiB = 2**20
 
 
 def cases(device: str, quick: bool):
@@ -35,53 +30,19 @@ def cases(device: str, quick: bool):
         yield f"sinkhorn B={b} K={k} 3 iters", make_scores, impls
 
 
-def run(device: str, quick: bool, repeats: int):
+def run(device: str, quick: bool, repeats: int, only: str = ""):
     rows = []
     for name, make_scores, impls in cases(device, quick):
+        if only not in name:
+            continue
         if device == "cuda":
             impls = dict(impls, **{"naive (SwAV) + torch.compile": torch.compile(sinkhorn_ref)})
         scores = make_scores()
-        results = {}
-        for impl, fn in impls.items():
-            def step(fn=fn):
-                return fn(scores, 0.05, 3)
-            try:
-                seconds = median_seconds(step, device, repeats)  # warms up first
-                memory = peak_memory(step, device)
-            except torch.OutOfMemoryError:
-                memory = seconds = float("nan")
-            results[impl] = (seconds, memory)
-        baseline = results["naive (SwAV)"][0]
-        for impl, (seconds, memory) in results.items():
-            rows.append({"case": name, "impl": impl, "dtype": "float32", "ms": seconds * 1e3,
-                         "speedup_vs_naive": baseline / seconds, "peak_extra_mib": memory / MiB})
-        del scores
+        steps = {impl: (lambda fn=fn: fn(scores, 0.05, 3)) for impl, fn in impls.items()}
+        rows += measure_case(name, torch.float32, steps, device, repeats, "naive (SwAV)")
+        del scores, steps
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per case")
-    parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
-    parser.add_argument("--plot", type=Path, help="write a PNG bar chart to this file")
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-
-    env = environment(args.device)
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
-    rows = run(args.device, args.quick, args.repeats)
-    print_table(rows)
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(rows, env, args.csv)
-    if args.plot:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, env, args.plot, title="fastcl Sinkhorn-Knopp")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__.split("\n")[0], run, "fastcl Sinkhorn-Knopp", default_repeats=10)
