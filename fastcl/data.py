@@ -1,0 +1,235 @@
+"""Image data sets held in memory as uint8 tensors, and the batches the trainer draws from them.
+
+``load_data(path)`` reads, by what ``path`` is:
+
+- None: scikit-learn's bundled handwritten digits (1797 gray 8x8 images, no download), split
+  into a fixed stratified 80 / 20 train / test;
+- a folder with train/ and val/ (or test/) class sub-folders (ImageFolder layout);
+- a folder of CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python batches;
+- an .npz with x_train, y_train, x_test, y_test (images (N, H, W), (N, H, W, C) or (N, C, H, W)).
+
+Small images fit in memory, so an epoch is a permutation of indices and a batch one gather: no
+worker processes. Augmentation happens afterwards on the training device (fastcl.augment).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+@dataclass
+class ImageData:
+    """x_*: (N, C, H, W) uint8, y_*: (N,) int64; classes names the labels."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: list[str]
+
+    @property
+    def channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+    def stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images, in [0, 1] units."""
+        x = self.x_train.float() / 255
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+
+
+def load_data(path: Optional[str | os.PathLike] = None) -> ImageData:
+    """The data set at `path` (see the module docstring), or the embedded digits for None."""
+    if path is None or str(path) in ("", "digits"):
+        return digits()
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--data {str(path)!r} does not exist")
+    if p.is_file():
+        if p.suffix != ".npz":
+            raise ValueError(f"--data file {str(p)!r} must be an .npz with x_train, y_train, "
+                             f"x_test, y_test (or pass a folder)")
+        return _npz(p)
+    entries = {e.name for e in p.iterdir()}
+    if not entries:
+        raise ValueError(f"--data folder {str(p)!r} is empty")
+    if "data_batch_1" in entries or {"train", "test", "meta"} <= entries and (p / "train").is_file():
+        return _cifar(p)
+    if "train" in entries and ("val" in entries or "test" in entries):
+        return _image_folder(p)
+    raise ValueError(
+        f"--data folder {str(p)!r} has an unknown layout: expected train/ and val/ class "
+        f"sub-folders (ImageFolder), CIFAR-10 python batches (data_batch_1..5, test_batch) or "
+        f"CIFAR-100 python files (train, test, meta); found {sorted(entries)[:10]}")
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits (values 0..16, scaled to 0..255), stratified split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(np.round(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: int(round(len(idx) * test_fraction))]] = True
+    return ImageData("digits", x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)])
+
+
+def _as_nchw(name: str, x: np.ndarray) -> Tensor:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) images, uint8 or floats in [0, 1] -> uint8 NCHW."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
+        raise ValueError(f"{name} must hold images (N, H, W), (N, H, W, C) or (N, C, H, W) with "
+                         f"C = 1 or 3, got shape {x.shape}")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} must be uint8 or float images, got dtype {x.dtype}")
+        top = float(x.max()) if x.size else 0.0
+        x = np.clip(np.round(x * 255 if top <= 1.0 else x), 0, 255).astype(np.uint8)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if x.shape[2] != x.shape[3]:
+        raise ValueError(f"{name} images must be square, got {x.shape[2]}x{x.shape[3]}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _labels(name: str, y: np.ndarray, n: int) -> Tensor:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"{name} must have one label per image ({n}), got {len(y)}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _npz(path: Path) -> ImageData:
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+        if missing:
+            raise ValueError(f"{str(path)!r} lacks {missing}: an .npz needs x_train, y_train, "
+                             f"x_test, y_test (found {f.files})")
+        x_train, x_test = _as_nchw("x_train", f["x_train"]), _as_nchw("x_test", f["x_test"])
+        y_train = _labels("y_train", f["y_train"], len(x_train))
+        y_test = _labels("y_test", f["y_test"], len(x_test))
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"x_train and x_test images must have the same shape, got "
+                         f"{tuple(x_train.shape[1:])} and {tuple(x_test.shape[1:])}")
+    classes = [str(c) for c in range(int(max(y_train.max(), y_test.max())) + 1)]
+    return ImageData(path.stem, x_train, y_train, x_test, y_test, classes)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar(folder: Path) -> ImageData:
+    def read(files: list[Path]) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for file in files:
+            batch = _unpickle(file)
+            key = b"labels" if b"labels" in batch else b"fine_labels"
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[key]))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(
+            np.concatenate(ys).astype(np.int64))
+
+    if (folder / "data_batch_1").exists():
+        train_files = sorted(folder.glob("data_batch_*"))
+        test_file, meta, key = folder / "test_batch", folder / "batches.meta", b"label_names"
+    else:
+        train_files, test_file = [folder / "train"], folder / "test"
+        meta, key = folder / "meta", b"fine_label_names"
+    if not test_file.exists():
+        raise ValueError(f"CIFAR folder {str(folder)!r} lacks its test batch {test_file.name!r}")
+    x_train, y_train = read(train_files)
+    x_test, y_test = read([test_file])
+    n_classes = int(y_train.max()) + 1
+    classes = [str(c) for c in range(n_classes)]
+    if meta.exists():
+        classes = [c.decode() for c in _unpickle(meta)[key]]
+    return ImageData(folder.name, x_train, y_train, x_test, y_test, classes)
+
+
+def _image_folder(root: Path) -> ImageData:
+    from PIL import Image
+
+    split_dirs = {"train": root / "train", "test": root / "val" if (root / "val").is_dir()
+                  else root / "test"}
+    classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{str(split_dirs['train'])!r} has no class sub-folders (ImageFolder "
+                         f"layout: train/<class>/<image>)")
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    mode, size = None, None
+    for split, folder in split_dirs.items():
+        images, labels, skipped = [], [], []
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            if class_dir.name not in index:
+                raise ValueError(f"class folder {str(class_dir)!r} is not among train/'s "
+                                 f"classes {classes}")
+            for file in sorted(class_dir.iterdir()):
+                if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    with Image.open(file) as im:
+                        im.load()
+                        if mode is None:
+                            mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                        arr = np.asarray(im.convert(mode))
+                except (OSError, ValueError, SyntaxError):
+                    skipped.append(file)
+                    continue
+                if size is None:
+                    size = arr.shape[:2]
+                if arr.shape[:2] != size:
+                    raise ValueError(f"images must all have the same size: {str(file)!r} is "
+                                     f"{arr.shape[1]}x{arr.shape[0]}, the first image was "
+                                     f"{size[1]}x{size[0]} (resize the data set first)")
+                images.append(arr)
+                labels.append(index[class_dir.name])
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in {str(folder)!r}, "
+                          f"e.g. {str(skipped[0])!r}", RuntimeWarning, stacklevel=2)
+        if not images:
+            raise ValueError(f"{str(folder)!r} holds no readable images (ImageFolder layout: "
+                             f"{folder.name}/<class>/<image>)")
+        out[split] = (_as_nchw(f"{split} images", np.stack(images)),
+                      torch.tensor(labels, dtype=torch.int64))
+    return ImageData(root.name, *out["train"], *out["test"], classes)
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[Tensor]:
+    """Index batches (batch_size,) of one epoch: a permutation drawn from (seed, epoch), the same
+    on every rank, each rank taking its own batch_size rows of every global batch; the last
+    incomplete global batch is dropped (batch statistics and the losses want full batches)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    global_batch = batch_size * world_size
+    for start in range(0, n - global_batch + 1, global_batch):
+        yield order[start + rank * batch_size: start + (rank + 1) * batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    return n // (batch_size * world_size)

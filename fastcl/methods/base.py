@@ -1,0 +1,58 @@
+"""What every method shares: the encoder, its augmentation recipes and the hooks the trainer calls.
+
+A method is an ``nn.Module`` that maps a batch of images to its loss:
+
+    views = method.augment(images, generator)     # list of (B, C, s, s) tensors on the device
+    loss = method(views, epoch=epoch)             # scalar, through the fused ops
+    ... backward, optimizer step ...
+    method.after_step(step, total_steps)          # momentum encoders, queues
+
+``method.backbone`` is the encoder that evaluation uses. Hyper-parameters are declared in
+``HPARAMS`` (name -> (default, help)) and exposed by the command line as --name; ``DEFAULTS`` gives
+the method's trainer defaults (optimizer, lr, batch size, ...) scaled to small images.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastcl.augment import Recipe
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    HPARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, backbone: nn.Module, *, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], gather: bool = False, **hparams: Any):
+        super().__init__()
+        unknown = set(hparams) - set(self.HPARAMS)
+        if unknown:
+            raise ValueError(f"{self.name} has no hyper-parameter(s) {sorted(unknown)}; valid: "
+                             f"{sorted(self.HPARAMS)}")
+        self.hparams = {k: hparams.get(k, default) for k, (default, _) in self.HPARAMS.items()}
+        self.backbone = backbone
+        self.image_size = image_size
+        # Under torch.distributed, the losses see every rank's embeddings.
+        self.gather = gather
+        self.recipes = [r.with_stats(mean, std) for r in self.view_recipes(image_size)]
+
+    def view_recipes(self, image_size: int) -> list[Recipe]:
+        """One Recipe per view, in the order forward expects the views."""
+        raise NotImplementedError
+
+    def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
+        """images (B, C, H, W) uint8 on the device -> one augmented batch per recipe."""
+        return [recipe(images, g) for recipe in self.recipes]
+
+    def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (global step index, total steps of the run)."""
+
+    def after_backward(self, epoch: int) -> None:
+        """Called between backward and the optimizer step (gradient surgery, e.g. frozen layers)."""

@@ -1,0 +1,180 @@
+"""Backbones for small images and the MLP heads the methods put on top of them.
+
+Written here with plain torch (no torchvision, no timm):
+
+- ResNet-18 / ResNet-50 with the small-image stem of the CIFAR SSL recipes: a 3x3 stride-1 first
+  convolution and no max-pool, so an 8x8 or 32x32 input keeps its resolution into the first stage.
+  ``width`` scales every stage's channels (64 * width in the first stage).
+- A small ViT (pre-norm transformer blocks, class token, learned position embeddings) whose patch
+  size adapts to the image side.
+
+Every backbone maps images (B, C, H, W) to features (B, backbone.out_dim); heads map features on.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet with a small-image stem
+# ----------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_ch: int, ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.shortcut = _shortcut(in_ch, ch, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, ch: int, stride: int):
+        super().__init__()
+        out_ch = ch * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, ch, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.conv3 = nn.Conv2d(ch, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.shortcut = _shortcut(in_ch, out_ch, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    if stride == 1 and in_ch == out_ch:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+
+class ResNet(nn.Module):
+    """ResNet with a 3x3 stride-1 stem and no max-pool: (B, C, H, W) -> (B, out_dim)."""
+
+    def __init__(self, block: type, layers: Sequence[int], in_channels: int = 3,
+                 width: float = 1.0):
+        super().__init__()
+        channels = [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(channels[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages, in_ch = [], channels[0]
+        for i, (ch, blocks) in enumerate(zip(channels, layers)):
+            for j in range(blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                stages.append(block(in_ch, ch, stride))
+                in_ch = ch * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = in_ch
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small ViT
+# ----------------------------------------------------------------------------------------------
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision transformer for small images: (B, C, H, W) -> (B, dim), the class token's output.
+
+    The patch size is image_size // 8 (at least 1), so any side gives an 8x8 grid of tokens or
+    finer; images of another side than image_size (multi-crop) interpolate the position grid.
+    """
+
+    def __init__(self, image_size: int, in_channels: int = 3, dim: int = 192, depth: int = 6,
+                 heads: int = 3, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.patch = max(1, image_size // 8)
+        self.embed = nn.Conv2d(in_channels, dim, self.patch, self.patch)
+        grid = image_size // self.patch
+        self.pos = nn.Parameter(torch.randn(1, dim, grid, grid) * 0.02)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.out_dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x)  # (B, dim, h, w)
+        pos = self.pos
+        if pos.shape[-2:] != tokens.shape[-2:]:
+            pos = nn.functional.interpolate(pos, size=tokens.shape[-2:], mode="bilinear",
+                                            align_corners=False)
+        tokens = (tokens + pos).flatten(2).transpose(1, 2)  # (B, h * w, dim)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.norm(self.blocks(tokens))[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and heads
+# ----------------------------------------------------------------------------------------------
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": lambda in_channels, image_size, width: ResNet(BasicBlock, (2, 2, 2, 2),
+                                                              in_channels, width),
+    "resnet50": lambda in_channels, image_size, width: ResNet(Bottleneck, (3, 4, 6, 3),
+                                                              in_channels, width),
+    "vit_small": lambda in_channels, image_size, width: ViT(
+        image_size, in_channels, dim=max(24, int(round(192 * width / 24)) * 24)),
+}
+
+
+def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32,
+                   width: float = 1.0) -> nn.Module:
+    """A backbone by name (see ``BACKBONES``); width scales its channels (ViT: its dimension)."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return BACKBONES[name](in_channels, image_size, width)
+
+
+def mlp(dims: Sequence[int], *, batch_norm: bool = True, last_batch_norm: bool = False,
+        last_affine: bool = True, activation: type = nn.ReLU) -> nn.Sequential:
+    """Linear layers dims[0] -> ... -> dims[-1]; hidden layers get BatchNorm (optional) and the
+    activation, the last one optionally a BatchNorm (affine or not)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=not (batch_norm and not last) and
+                                not (last and last_batch_norm)))
+        if not last:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(activation())
+        elif last_batch_norm:
+            layers.append(nn.BatchNorm1d(b, affine=last_affine))
+    return nn.Sequential(*layers)

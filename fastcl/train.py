@@ -1,0 +1,391 @@
+"""The trainer: data -> device augmentation -> method (-> loss module -> fused op) -> optimizer.
+
+``train(TrainConfig(...))`` runs a method on a data set and writes, under ``config.out``:
+
+- metrics.csv: one row per epoch (loss, lr, images/s, kNN top-1 on the test split, seconds);
+- metrics.json: the final knn_top1 and linear_top1 (fractions in [0, 1]) and the run's figures;
+- curves.png: the loss and kNN curves;
+- last.pt: the checkpoint, replaced atomically after every epoch (temporary file in the same
+  folder, fsync, os.replace), so an interrupted run always leaves the last complete one.
+
+Randomness is a function of (seed, epoch, step): the epoch's order comes from (seed, epoch) and each
+step's augmentation generator is re-seeded from (seed, step, rank), so a run resumed from last.pt
+draws exactly what the uninterrupted run would have drawn; with ``deterministic=True`` it
+reproduces it bit for bit.
+
+Under torchrun (WORLD_SIZE > 1) each process joins a process group (NCCL on GPU, gloo on CPU),
+takes its share of every global batch, the losses gather every rank's embeddings and gradients
+are averaged over ranks after backward.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastcl import evaluate
+from fastcl.data import ImageData, epoch_batches, load_data, steps_per_epoch
+from fastcl.distributed import world
+from fastcl.methods import get_method
+from fastcl.models import BACKBONES, build_backbone
+from fastcl.optim import OPTIMIZERS, build_optimizer, cosine_with_warmup, set_lr
+
+CHECKPOINT_FORMAT = "fastcl-checkpoint-1"
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. None means the method's default (Method.DEFAULTS)."""
+
+    method: str = "simclr"
+    data: Optional[str] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    optimizer: Optional[str] = None
+    warmup_epochs: Optional[int] = None
+    backbone: str = "resnet18"
+    width: Optional[float] = None
+    device: str = "auto"
+    precision: str = "fp32"
+    out: str = "runs/fastcl"
+    resume: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    knn_k: int = 200
+    progress: bool = True
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the method's defaults filled in, after checking every choice."""
+        method_cls = get_method(self.method)
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        values = asdict(self)
+        for key, default in method_cls.DEFAULTS.items():
+            if values.get(key) is None:
+                values[key] = default
+        if values["width"] is None:
+            values["width"] = 1.0
+        values["hparams"] = {k: self.hparams.get(k, d) for k, (d, _) in method_cls.HPARAMS.items()}
+        cfg = TrainConfig(**values)
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+        for name in ("epochs", "batch_size"):
+            if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
+        if not cfg.lr > 0:
+            raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        return cfg
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> the CUDA GPU of this process if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std,
+                 gather: bool = False) -> nn.Module:
+    backbone = build_backbone(cfg.backbone, in_channels=data_channels, image_size=image_size,
+                              width=cfg.width)
+    return get_method(cfg.method)(backbone, image_size=image_size, mean=mean, std=std,
+                                  gather=gather, **cfg.hparams)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Writes `state` to a temporary file in the same folder, fsyncs it, then renames it over
+    `path` (atomic on POSIX): readers see the old or the new checkpoint, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a fastcl training checkpoint")
+    return state
+
+
+def check_compatible(state: dict, cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """A checkpoint resumes only the method and backbone it was trained with."""
+    for key in ("method", "backbone", "width"):
+        if state["config"][key] != getattr(cfg, key):
+            raise ValueError(
+                f"checkpoint {str(path)!r} was trained with {key} {state['config'][key]!r}, "
+                f"this run asks for {getattr(cfg, key)!r}: pass --{key.replace('_', '-')} "
+                f"{state['config'][key]} or another --out folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------
+def _init_distributed(device_name: str) -> tuple[int, int, int]:
+    """Joins the torchrun process group when WORLD_SIZE > 1; returns (rank, world, local_rank)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if size > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or \
+            device_name.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, size = world()
+    return rank, size, local_rank
+
+
+def _average_gradients(params: list[nn.Parameter], size: int) -> None:
+    """Gradients averaged over ranks in one flat all-reduce (what DDP's buckets do)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+def _write_csv(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss and kNN top-1 per epoch, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["loss"] for row in history], marker="o", ms=3)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_knn.plot(epochs, [row["knn_top1"] for row in history], marker="o", ms=3, color="C1")
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title="kNN (k = 200) on the test split")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _features(method: nn.Module, data: ImageData, device, mean, std):
+    enc = method.backbone
+    return (evaluate.extract_features(enc, data.x_train, mean=mean, std=std, device=device),
+            evaluate.extract_features(enc, data.x_test, mean=mean, std=std, device=device))
+
+
+def train(config: TrainConfig, *, data: Optional[ImageData] = None,
+          on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Runs (or resumes) a training run; returns the final metrics (as written to metrics.json).
+
+    on_epoch_end(epoch, row) is called after each epoch's checkpoint is on disk.
+    """
+    cfg = config.resolved()
+    rank, size, local_rank = _init_distributed(cfg.device)
+    device = pick_device(cfg.device, local_rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_data(cfg.data)
+    mean, std = data.stats()
+
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg, data.channels, data.image_size, mean, std,
+                          gather=size > 1).to(device)
+    if size > 1:
+        _broadcast_state(method)
+    optimizer = build_optimizer(cfg.optimizer, method, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
+    params = [p for p in method.parameters() if p.requires_grad]
+
+    n_steps = steps_per_epoch(len(data.x_train), cfg.batch_size, size)
+    if n_steps == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} x {size} process(es) is larger than the "
+                         f"{len(data.x_train)} training images")
+    total_steps, warmup_steps = cfg.epochs * n_steps, cfg.warmup_epochs * n_steps
+
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = out / "last.pt"
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path)
+        check_compatible(state, cfg, ckpt_path)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_epoch = state["history"], state["epoch"]
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    g = torch.Generator(device=device)
+    x_train = data.x_train.to(device)
+    method.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        bar = _progress(cfg, rank, epoch, n_steps)
+        for i, idx in enumerate(epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed,
+                                              epoch=epoch, rank=rank, world_size=size)):
+            step = epoch * n_steps + i
+            lr = cosine_with_warmup(step, total_steps, warmup_steps, cfg.lr)
+            set_lr(optimizer, lr)
+            g.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+            with torch.no_grad():
+                views = method.augment(x_train[idx.to(device)], g)
+            with autocast:
+                loss = method(views, epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(params, size)
+            method.after_backward(epoch)
+            optimizer.step()
+            method.after_step(step, total_steps)
+            loss_sum += loss.detach()
+            seen += len(idx) * size
+            if bar is not None:
+                bar.update(1)
+                if i % 5 == 0 or i == n_steps - 1:
+                    bar.set_postfix(loss=f"{loss.item():.4f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if bar is not None:
+            bar.close()
+        train_seconds = time.perf_counter() - t0
+        mean_loss = (loss_sum / n_steps).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"the loss became {mean_loss} in epoch {epoch}: lower --lr")
+        if rank == 0:
+            train_f, test_f = _features(method, data, device, mean, std)
+            knn = evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=cfg.knn_k)
+            row = dict(epoch=epoch + 1, loss=round(mean_loss, 6), lr=round(lr, 8),
+                       images_per_s=round(seen / train_seconds, 1), knn_top1=round(knn, 5),
+                       seconds=round(time.perf_counter() - t0, 2))
+            history.append(row)
+            save_checkpoint(ckpt_path, dict(
+                format=CHECKPOINT_FORMAT, config=asdict(cfg), epoch=epoch + 1,
+                data=dict(name=data.name, channels=data.channels, image_size=data.image_size,
+                          mean=mean, std=std),
+                model=method.state_dict(), optimizer=optimizer.state_dict(), history=history))
+            _write_csv(out / "metrics.csv", history)
+            if cfg.progress:
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  "
+                      f"kNN {knn:.4f}  {row['images_per_s']:.0f} img/s", flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+        if size > 1:
+            dist.barrier()
+
+    result: dict = {}
+    if rank == 0:
+        train_f, test_f = _features(method, data, device, mean, std)
+        result = dict(
+            method=cfg.method, backbone=cfg.backbone, data=data.name, epochs=cfg.epochs,
+            knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test,
+                                           k=cfg.knn_k),
+            linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f,
+                                                       data.y_test),
+            images_per_s=round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
+            train_seconds=round(sum(r["seconds"] for r in history), 1),
+        )
+        with open(out / "metrics.json", "w") as f:
+            json.dump(result, f, indent=2)
+        if history:
+            plot_curves(history, out / "curves.png", f"{cfg.method} / {cfg.backbone} on "
+                                                     f"{data.name}")
+    if size > 1:
+        dist.barrier()
+    return result
+
+
+def _progress(cfg: TrainConfig, rank: int, epoch: int, n_steps: int):
+    if not cfg.progress or rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint
+# ----------------------------------------------------------------------------------------------
+def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None, *,
+                        device: str = "auto", k: int = 200) -> dict:
+    """kNN and linear-probe top-1 of a checkpoint's frozen encoder on `data_path` (default: the
+    data it was trained on)."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig(**state["config"])
+    data = load_data(data_path if data_path is not None else cfg.data)
+    info = state["data"]
+    if (data.channels, data.image_size) != (info["channels"], info["image_size"]):
+        raise ValueError(f"checkpoint {str(path)!r} was trained on {info['channels']}-channel "
+                         f"{info['image_size']}px images, --data has {data.channels}-channel "
+                         f"{data.image_size}px images")
+    dev = pick_device(device)
+    method = build_method(cfg, info["channels"], info["image_size"], info["mean"], info["std"])
+    method.load_state_dict(state["model"])
+    method.to(dev)
+    train_f, test_f = _features(method, data, dev, info["mean"], info["std"])
+    return dict(
+        checkpoint=str(path), method=cfg.method, backbone=cfg.backbone, data=data.name,
+        epoch=state["epoch"],
+        knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=k),
+        linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f, data.y_test),
+    )
