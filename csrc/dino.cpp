@@ -22,9 +22,8 @@
 // split into ranges (merged afterwards in forward) only as far as needed to give every thread
 // several items when B is small.
 //
-// Vectorization: at::vec with AVX2 + FMA, compiled for that ISA in this file only (the extension
-// is built without -mavx2) and checked at run time. at::vec's symbols then live in their own
-// inline namespace (CPU_CAPABILITY=AVX2), distinct from any other file's. Exponentials use
+// Vectorization: at::vec with AVX2 + FMA, set up by cpu_kernels.h and checked at run time.
+// Exponentials use
 // exp_u20 (inline polynomial, ~1e-6 relative error): the kernels are exp-bound and Sleef's exp
 // is an out-of-line call, about 1.5x slower here. exp_u20 maps NaN to a finite value, so
 // non-finite inputs are tracked through the row maxima instead (a NaN or infinite max makes its
@@ -33,31 +32,7 @@
 
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__)
-#define FASTCL_DINO_TARGET_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx,avx2,fma,f16c")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-// sleef.h declares its 256-bit functions only under these macros, which the target pragma does
-// not set; they are defined for the vec headers alone and removed right after.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#ifdef FASTCL_DINO_TARGET_AVX2
-#undef __AVX__
-#undef __AVX2__
-#undef __FMA__
-#undef __F16C__
-#endif
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "cpu_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -230,14 +205,6 @@ void chunk_state(const scalar_t* student, const scalar_t* teacher, const float* 
 // ---------------------------------------------------------------------------------------------
 // Input handling
 // ---------------------------------------------------------------------------------------------
-void check_isa() {
-#ifdef FASTCL_DINO_TARGET_AVX2
-  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                  __builtin_cpu_supports("f16c"),
-              "fastcl's DINO CPU kernels need a CPU with AVX2, FMA and F16C; use "
-              "FASTCL_CPU_BACKEND=reference on this machine");
-#endif
-}
 
 struct Problem {
   Tensor student, teacher, center;  // contiguous; center float32 (K,)
@@ -253,7 +220,7 @@ float read_scale(const Tensor& scale, const char* name) {
 
 Problem make_problem(const Tensor& student, const Tensor& teacher, const Tensor& center,
                      const Tensor& student_scale, const Tensor& teacher_scale) {
-  check_isa();
+  fastcl::require_avx2("DINO");
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && center.device().is_cpu(),
               "dino_loss: student, teacher and center must be CPU tensors");
   TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3,
@@ -351,17 +318,6 @@ std::tuple<Tensor, Tensor, Tensor> dino_loss_fwd(const Tensor& student, const Te
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-/// Ask for transparent huge pages for a fresh output buffer (Linux, THP in "madvise" mode): the
-/// student gradient is as large as the student, and first-touch faults on 4 KiB pages cost as much
-/// as the whole backward computation (measured: 56 ms -> 27 ms for 168 MiB on 2 cores).
-void advise_huge_pages(void* ptr, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
 
 /// Whether the saved stats of sample b are all finite (else its gradient is NaN).
 bool finite_stats(const float* stats, int64_t rows, int64_t B, int64_t b) {
@@ -446,7 +402,7 @@ Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor&
   const float coef = static_cast<float>(read_scale(grad, "grad") * double(p.ss) /
                                         (double(p.T) * (p.S - 1) * p.B));
   Tensor dstudent = at::empty({p.S, p.B, p.K}, p.student.options());
-  advise_huge_pages(dstudent.data_ptr(), dstudent.nbytes());
+  fastcl::advise_huge_pages(dstudent.data_ptr(), dstudent.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.student.scalar_type(),
                                   "dino_loss_bwd", [&] {
     backward_impl<scalar_t>(p, s_stats.data_ptr<float>(), t_stats.data_ptr<float>(), coef,
@@ -457,9 +413,7 @@ Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor&
 
 }  // namespace
 
-#ifdef FASTCL_DINO_TARGET_AVX2
-#pragma GCC pop_options
-#endif
+FASTCL_END_AVX2_KERNELS
 
 void bind_dino(pybind11::module_& m) {
   m.def("dino_loss_fwd", &dino_loss_fwd,

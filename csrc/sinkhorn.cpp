@@ -1,21 +1,31 @@
 // CPU kernels of the Sinkhorn-Knopp op family (SwAV's code assignment): fastcl/ops/sinkhorn.py.
 //
-// With x_bk = scores_bk * inv_eps for scores (B, K) (samples x prototypes):
+// With x_bk = scores_bk * inv_eps for scores (B, K) (samples x prototypes), and
+// P_bk = softmax over k of (x_bk + log_u_k), so that every row of P sums to 1:
 //
-//   sinkhorn_init_fwd(scores, inv_eps)          -> col_lse (K,)  = log sum_b exp(x_bk)
-//   sinkhorn_step_fwd(scores, inv_eps, log_u)   -> col_sum (K,)  = sum_b P_bk
-//   sinkhorn_codes_fwd(scores, inv_eps, log_u)  -> P (B, K) float32
+//   sinkhorn_init_fwd(scores, inv_eps)               -> col_lse (K,) = log sum_b exp(x_bk)
+//   sinkhorn_step_fwd(scores, inv_eps, log_u)        -> col_sum (K,) = sum_b P_bk
+//   sinkhorn_codes_fwd(scores, inv_eps, log_u)       -> P (B, K) float32
+//   sinkhorn_step_codes_fwd(scores, inv_eps, log_u)  -> (col_sum, P): both in one pass
 //
-// where P_bk = softmax over k of (x_bk + log_u_k): every row of P sums to 1. The Python driver
-// chains them into SwAV's algorithm in log domain (log_u = -col_lse, then log_u -= log(col_sum)
-// per extra iteration, then P); the derivation is in fastcl/ops/sinkhorn.py.
+// and, on a stored P (B, K) and column weights w (K,), with R_bk = P_bk w_k / sum_j P_bj w_j
+// (the codes for log_u + log w, without going back to the scores):
 //
-// Each call reads the scores exactly once and never writes them; only codes_fwd writes a (B, K)
-// matrix. A row is processed whole in L1-resident buffers (x, its max, exp(x - max), the row
-// sum, then P), so every row uses its own max and nothing overflows or underflows for any
-// magnitude; init_fwd keeps a running column max per prototype, updated once per block of rows,
-// so that each element costs one exp there too. Scores may be float32, bfloat16 or float16;
-// 16-bit rows are converted to float32 one block at a time, never as a whole matrix.
+//   sinkhorn_rescaled_col_sum(P, w)                  -> col_sum (K,) = sum_b R_bk
+//   sinkhorn_rescale_(P, w)                          -> P = R, in place
+//
+// The Python driver chains them into SwAV's algorithm (the derivation is in
+// fastcl/ops/sinkhorn.py): one exact pass over the scores for the first column normalization,
+// one that also stores P, then only multiply-adds over the stored P, whose rows are in [0, 1] and
+// sum to 1, as long as the weights w stay within a range where that is exact to fp32.
+//
+// Each call reads its input exactly once. A row is processed whole in L1-resident buffers (x, its
+// max, exp(x - max), the row sum, then P), so every row uses its own max and nothing overflows or
+// underflows for any magnitude; init_fwd keeps a running column max per prototype, updated once
+// per block of rows, so that each element costs one exp there too. Scores may be float32,
+// bfloat16 or float16; 16-bit rows are converted to float32 one block at a time, never as a whole
+// matrix. Fresh (B, K) outputs ask for huge pages (first-touch faults otherwise cost as much as
+// the pass that writes them).
 //
 // Parallelism: rows are split into a fixed number of contiguous chunks, a few per thread, that
 // the threads take one at a time (on a shared machine an idle core takes over the chunks of a
@@ -31,39 +41,13 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
-// The hot loops use at::vec: 8 AVX2 + FMA lanes, and exp_u20, its polynomial exp (about twice as
-// fast as Sleef's, a few 1e-7 relative error, 0 below FLT_MIN where terms are negligible).
-// Extensions are compiled for the baseline ISA, where at::vec falls back to scalar loops, so on
-// x86-64 with GCC this file selects AVX2 itself: the pragma below applies to at::vec, included
-// here for the first time in this translation unit, and to the kernels that follow it, up to the
-// matching pop_options. at::vec puts its code in the inline namespace at::vec::AVX2, and the
-// kernels have internal linkage, so no other translation unit can link to AVX2 code; the entry
-// points, compiled for the baseline, check the CPU before calling a kernel. Other compilers and
-// architectures get at::vec's default for the target (NEON on arm64, scalar loops otherwise).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
-#define FASTCL_SINKHORN_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-// GCC's C++ front end does not define the ISA macros for a target pragma, and sleef.h declares
-// its 8-lane functions (which at::vec's other methods call) only under __AVX__ / __AVX2__: define
-// them for that header alone. at::vec itself tests CPU_CAPABILITY_AVX2 only.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define SLEEF_STATIC_LIBS
-#include <sleef.h>
-#undef __AVX2__
-#undef __AVX__
-#elif defined(__AVX2__) && defined(__FMA__)
-// Compiled for AVX2 already (e.g. -march=native): at::vec only needs to be told.
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+// The hot loops use at::vec (AVX2 + FMA, set up by cpu_kernels.h and checked at run time) and
+// exp_u20, its polynomial exp (about twice as fast as Sleef's, a few 1e-7 relative error, 0
+// below FLT_MIN where terms are negligible).
+#include "cpu_kernels.h"
 
 namespace {
 
@@ -178,10 +162,11 @@ void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t 
   }
 }
 
-/// col_sum[0, kp) += sum over rows [b0, b1) of P_b (padding lanes get 0).
+/// For rows [b0, b1) of P: col_sum[0, kp) += their sum (when col_sum is given; padding lanes get
+/// 0) and codes rows (row stride k) = P (when codes is given).
 template <typename T>
-void step_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
-               const float* log_u, float* col_sum) {
+void softmax_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k,
+                  float inv_eps, const float* log_u, float* col_sum, float* codes) {
   const int64_t kp = round_up(k, kLanes);
   std::vector<float> e(kp), block_sum(kp), converted;
   for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
@@ -191,61 +176,64 @@ void step_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t 
     std::fill(block_sum.begin(), block_sum.end(), 0.f);
     for (int64_t r = 0; r < rows; ++r) {
       const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, log_u, e.data()));
+      float* out = codes ? codes + (r0 + r) * k : nullptr;
       for (int64_t j = 0; j < kp; j += kLanes) {
-        at::vec::fmadd(Vec::loadu(e.data() + j), inv_total, Vec::loadu(block_sum.data() + j))
-            .store(block_sum.data() + j);
+        const Vec p = Vec::loadu(e.data() + j) * inv_total;
+        if (col_sum) (p + Vec::loadu(block_sum.data() + j)).store(block_sum.data() + j);
+        if (out) p.store(out + j, std::min(kLanes, k - j));
       }
     }
+    if (!col_sum) continue;
     for (int64_t j = 0; j < kp; j += kLanes) {
       (Vec::loadu(col_sum + j) + Vec::loadu(block_sum.data() + j)).store(col_sum + j);
     }
   }
 }
 
-/// codes rows [b0, b1) (row stride k) = P.
-template <typename T>
-void codes_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
-                const float* log_u, float* codes) {
+/// For rows [b0, b1) of p (B, k) and weights w (padded to kp lanes with 0), R_b = p_b * w / (p_b . w):
+/// col_sum[0, kp) += sum_b R_b when col_sum is given, else p_b = R_b in place.
+void rescale_rows(float* p, int64_t b0, int64_t b1, int64_t k, const float* w, float* col_sum) {
   const int64_t kp = round_up(k, kLanes);
-  std::vector<float> e(kp), converted;
+  std::vector<float> block_sum(kp);
   for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, b1 - r0);
-    int64_t ld;
-    const float* x = rows_as_float(scores, stride, r0, rows, k, converted, &ld);
-    for (int64_t r = 0; r < rows; ++r) {
-      const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, log_u, e.data()));
-      float* out = codes + (r0 + r) * k;
-      for (int64_t j = 0; j < k; j += kLanes) {
-        (Vec::loadu(e.data() + j) * inv_total).store(out + j, std::min(kLanes, k - j));
+    std::fill(block_sum.begin(), block_sum.end(), 0.f);
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      float* row = p + r * k;
+      Vec dot(0.f);
+      for (int64_t j = 0; j < kp; j += kLanes) {
+        dot = at::vec::fmadd(load_lanes(row, j, k), Vec::loadu(w + j), dot);
       }
+      const Vec inv_dot(1.f / lane_sum(dot));
+      for (int64_t j = 0; j < kp; j += kLanes) {
+        const Vec scaled = load_lanes(row, j, k) * Vec::loadu(w + j) * inv_dot;
+        if (col_sum) {
+          (scaled + Vec::loadu(block_sum.data() + j)).store(block_sum.data() + j);
+        } else {
+          scaled.store(row + j, std::min(kLanes, k - j));
+        }
+      }
+    }
+    if (!col_sum) continue;
+    for (int64_t j = 0; j < kp; j += kLanes) {
+      (Vec::loadu(col_sum + j) + Vec::loadu(block_sum.data() + j)).store(col_sum + j);
     }
   }
 }
 
 }  // namespace
 
-#if defined(FASTCL_SINKHORN_AVX2)
-#pragma GCC pop_options
-#endif
+FASTCL_END_AVX2_KERNELS
 
 namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Entry points (baseline ISA): checks, chunking, combination of the per-chunk results.
 // ---------------------------------------------------------------------------------------------
-void check_cpu_isa() {
-#if defined(FASTCL_SINKHORN_AVX2)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                                __builtin_cpu_supports("f16c");
-  TORCH_CHECK(supported,
-              "fastcl's CPU Sinkhorn kernels need AVX2, FMA and F16C, which this CPU lacks; run "
-              "the PyTorch reference instead with FASTCL_CPU_BACKEND=reference");
-#endif
-}
 
 /// scores: (B, K) CPU float32/bfloat16/float16 with unit column stride (copied only if not).
 Tensor checked_scores(const Tensor& scores) {
-  check_cpu_isa();
+  fastcl::require_avx2("Sinkhorn");
   TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
   TORCH_CHECK(scores.dim() == 2, "scores must be 2-D (B, K), got shape ", scores.sizes());
   const auto dtype = scores.scalar_type();
@@ -331,20 +319,11 @@ Tensor sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
   return lse;
 }
 
-/// col_sum (K,) float32 = sum_b P_bk with P_b = softmax_k(scores_bk * inv_eps + log_u_k).
-Tensor sinkhorn_step_fwd(const Tensor& scores_in, double inv_eps, const Tensor& log_u_in) {
-  const Tensor scores = checked_scores(scores_in);
-  const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
-  const std::vector<float> log_u = padded_log_u(log_u_in, k);
-  const int64_t chunks = num_chunks(b);
-  std::vector<float> chunk_sum(chunks * kp, 0.f);
-  with_scores(scores, [&](auto* data) {
-    for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
-      step_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
-                chunk_sum.data() + c * kp);
-    });
-  });
-  Tensor col_sum = at::zeros({k}, scores.options().dtype(at::kFloat));
+/// Adds up the per-chunk K-vectors (in chunk order, so results do not depend on scheduling).
+Tensor combine_chunks(const std::vector<float>& chunk_sum, int64_t chunks, int64_t k,
+                      const at::TensorOptions& options) {
+  const int64_t kp = round_up(k, kLanes);
+  Tensor col_sum = at::zeros({k}, options.dtype(at::kFloat));
   float* out = col_sum.mutable_data_ptr<float>();
   for (int64_t c = 0; c < chunks; ++c) {
     for (int64_t j = 0; j < k; ++j) out[j] += chunk_sum[c * kp + j];
@@ -352,21 +331,83 @@ Tensor sinkhorn_step_fwd(const Tensor& scores_in, double inv_eps, const Tensor& 
   return col_sum;
 }
 
-/// codes (B, K) float32 = P, each row summing to 1.
-Tensor sinkhorn_codes_fwd(const Tensor& scores_in, double inv_eps, const Tensor& log_u_in) {
-  const Tensor scores = checked_scores(scores_in);
-  const int64_t b = scores.size(0), k = scores.size(1);
-  const std::vector<float> log_u = padded_log_u(log_u_in, k);
-  Tensor codes = at::empty({b, k}, scores.options().dtype(at::kFloat));
-  float* out = codes.mutable_data_ptr<float>();
-  with_scores(scores, [&](auto* data) {
-    for_each_chunk(b, num_chunks(b), [&](int64_t, int64_t b0, int64_t b1) {
-      codes_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
-                 out);
-    });
-  });
+/// A fresh (B, K) float32 output, backed by huge pages where the OS allows.
+Tensor new_codes(const Tensor& scores) {
+  Tensor codes = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
+  fastcl::advise_huge_pages(codes.data_ptr(), codes.nbytes());
   return codes;
 }
+
+/// One pass of softmax_rows over scores: the column sums of P when with_col_sum, P when
+/// with_codes (each (K,) / (B, K) float32, or an undefined tensor).
+std::tuple<Tensor, Tensor> softmax_pass(const Tensor& scores_in, double inv_eps,
+                                        const Tensor& log_u_in, bool with_col_sum,
+                                        bool with_codes) {
+  const Tensor scores = checked_scores(scores_in);
+  const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
+  const std::vector<float> log_u = padded_log_u(log_u_in, k);
+  const int64_t chunks = num_chunks(b);
+  std::vector<float> chunk_sum(with_col_sum ? chunks * kp : 0, 0.f);
+  Tensor codes = with_codes ? new_codes(scores) : Tensor();
+  float* out = with_codes ? codes.mutable_data_ptr<float>() : nullptr;
+  with_scores(scores, [&](auto* data) {
+    for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
+      softmax_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
+                   with_col_sum ? chunk_sum.data() + c * kp : nullptr, out);
+    });
+  });
+  Tensor col_sum = with_col_sum ? combine_chunks(chunk_sum, chunks, k, scores.options()) : Tensor();
+  return {col_sum, codes};
+}
+
+/// col_sum (K,) float32 = sum_b P_bk with P_b = softmax_k(scores_bk * inv_eps + log_u_k).
+Tensor sinkhorn_step_fwd(const Tensor& scores, double inv_eps, const Tensor& log_u) {
+  return std::get<0>(softmax_pass(scores, inv_eps, log_u, true, false));
+}
+
+/// codes (B, K) float32 = P, each row summing to 1.
+Tensor sinkhorn_codes_fwd(const Tensor& scores, double inv_eps, const Tensor& log_u) {
+  return std::get<1>(softmax_pass(scores, inv_eps, log_u, false, true));
+}
+
+/// (col_sum (K,), codes (B, K)) of the two above, in one pass over the scores.
+std::tuple<Tensor, Tensor> sinkhorn_step_codes_fwd(const Tensor& scores, double inv_eps,
+                                                   const Tensor& log_u) {
+  return softmax_pass(scores, inv_eps, log_u, true, true);
+}
+
+/// One pass of rescale_rows over codes (B, K) float32 with weights w (K,) float32: their column
+/// sums (K,) when with_col_sum, else codes rescaled in place (and an undefined tensor returned).
+Tensor rescale_pass(const Tensor& codes, const Tensor& w_in, bool with_col_sum) {
+  fastcl::require_avx2("Sinkhorn");
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kFloat && codes.dim() == 2 &&
+                  codes.is_contiguous(),
+              "codes must be a contiguous 2-D float32 CPU tensor, got ", codes.scalar_type(),
+              " of shape ", codes.sizes(), " on ", codes.device());
+  const int64_t b = codes.size(0), k = codes.size(1), kp = round_up(k, kLanes);
+  TORCH_CHECK(w_in.device().is_cpu() && w_in.scalar_type() == at::kFloat && w_in.dim() == 1 &&
+                  w_in.size(0) == k,
+              "w must be a float32 CPU tensor of shape (", k, ",), got ", w_in.scalar_type(),
+              " of shape ", w_in.sizes());
+  std::vector<float> w(kp, 0.f);
+  const Tensor w_src = w_in.contiguous();
+  std::copy(w_src.const_data_ptr<float>(), w_src.const_data_ptr<float>() + k, w.begin());
+  const int64_t chunks = num_chunks(b);
+  std::vector<float> chunk_sum(with_col_sum ? chunks * kp : 0, 0.f);
+  float* p = codes.mutable_data_ptr<float>();
+  for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
+    rescale_rows(p, b0, b1, k, w.data(), with_col_sum ? chunk_sum.data() + c * kp : nullptr);
+  });
+  return with_col_sum ? combine_chunks(chunk_sum, chunks, k, codes.options()) : Tensor();
+}
+
+/// col_sum (K,) = sum_b R_bk with R_bk = codes_bk w_k / sum_j codes_bj w_j.
+Tensor sinkhorn_rescaled_col_sum(const Tensor& codes, const Tensor& w) {
+  return rescale_pass(codes, w, true);
+}
+
+/// codes = R in place.
+void sinkhorn_rescale_(Tensor& codes, const Tensor& w) { rescale_pass(codes, w, false); }
 
 }  // namespace
 
@@ -383,4 +424,13 @@ void bind_sinkhorn(pybind11::module_& m) {
   m.def("sinkhorn_codes_fwd", &sinkhorn_codes_fwd,
         "scores (B, K), inv_eps, log_u (K,) -> codes (B, K) = softmax_k(x_b + log_u)",
         pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+  m.def("sinkhorn_step_codes_fwd", &sinkhorn_step_codes_fwd,
+        "scores (B, K), inv_eps, log_u (K,) -> (col_sum (K,), codes (B, K)) in one pass",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+  m.def("sinkhorn_rescaled_col_sum", &sinkhorn_rescaled_col_sum,
+        "codes (B, K), w (K,) -> col_sum (K,) = sum_b codes_bk w_k / (codes_b . w)",
+        pybind11::arg("codes"), pybind11::arg("w"), nogil);
+  m.def("sinkhorn_rescale_", &sinkhorn_rescale_,
+        "codes (B, K), w (K,): codes_bk <- codes_bk w_k / (codes_b . w), in place",
+        pybind11::arg("codes"), pybind11::arg("w"), nogil);
 }

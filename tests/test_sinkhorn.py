@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import run_on_ranks
+import fastcl.ops.sinkhorn as sinkhorn_ops
+from fastcl.ops import cpu_backend
 from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref, sinkhorn_ref
 
 # Codes vs the float64 truth computed from the same (rounded) inputs: |err| <= RTOL * |truth| +
@@ -99,6 +101,43 @@ def test_extreme_magnitudes(backend):
     assert sinkhorn_ref(scores.double(), 0.05, 3).isnan().any()
     assert_codes(sinkhorn(scores, 0.05, 3), sinkhorn_log_ref(scores.double(), 0.05, 3),
                  rtol=1e-3)
+
+
+# --- the C++ path's rescaling of the stored codes ---------------------------------------------
+def _count_exact_fallbacks(monkeypatch):
+    """Counts the C++ path's falls back to exact passes over the scores (_sinkhorn_steps)."""
+    calls = []
+    original = sinkhorn_ops._sinkhorn_steps
+    monkeypatch.setattr(sinkhorn_ops, "_sinkhorn_steps",
+                        lambda *args: calls.append(args[4]) or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_cpp_rescales_the_stored_codes(monkeypatch, iterations):
+    """Normalized embeddings: after two passes over the scores every further column step only
+    reweights the stored codes, and the result is SwAV's to the same tolerance."""
+    fallbacks = _count_exact_fallbacks(monkeypatch)
+    scores = similarities(127, 300)
+    with cpu_backend("cpp"):
+        codes = sinkhorn(scores, 0.05, iterations)
+    assert fallbacks == []
+    assert_codes(codes, sinkhorn_ref(scores.double(), 0.05, iterations))
+
+
+@pytest.mark.parametrize("iterations", [2, 3, 5])
+def test_cpp_falls_back_to_exact_passes(monkeypatch, iterations):
+    """When the column weights span more than the stored codes can represent (forced here with a
+    limit of 1: real inputs stay far inside 2**60), the C++ path goes on with exact passes over the
+    scores from the scaling it reached, and the result is unchanged (extreme scores included)."""
+    fallbacks = _count_exact_fallbacks(monkeypatch)
+    monkeypatch.setattr(sinkhorn_ops, "_MAX_WEIGHT_RATIO", 1.0)
+    scores = planted_scores(127, 300, 50.0)
+    scores[:, 7] -= 60.0  # a prototype that no sample is close to
+    with cpu_backend("cpp"):
+        codes = sinkhorn(scores, 0.05, iterations)
+    assert fallbacks == [iterations - 2]
+    assert_codes(codes, sinkhorn_log_ref(scores.double(), 0.05, iterations), rtol=1e-3)
 
 
 # --- inputs ------------------------------------------------------------------------------------

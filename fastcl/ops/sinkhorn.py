@@ -37,6 +37,10 @@ launchers have the same names and contract on both backends:
     sinkhorn_init_fwd(scores, inv_eps)          -> log sum_b exp(scores_bk * inv_eps)     (K,)
     sinkhorn_step_fwd(scores, inv_eps, log_u)   -> sum_b P_bk                              (K,)
     sinkhorn_codes_fwd(scores, inv_eps, log_u)  -> P                                       (B, K)
+
+On CPU, where exponentials cost more than memory traffic, the second pass also stores P, and each
+further column step reweights the stored P (R_bk = P_bk w_k / (P_b . w), the codes for log u +
+log w) instead of recomputing exponentials from the scores (``_sinkhorn_cpu``).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _checks
-from fastcl._backend import kernels_for
+from fastcl._backend import cpp_extension, kernels_for
 from fastcl.distributed import world
 
 
@@ -136,10 +140,46 @@ def _sinkhorn_fused(kernels, scores: Tensor, epsilon: float, iterations: int,
     Everything between the passes is O(K) and stays on the device: no host sync."""
     inv_eps = 1.0 / epsilon
     log_u = -_all_ranks_lse(kernels.sinkhorn_init_fwd(scores, inv_eps), gather)
-    for _ in range(iterations - 1):
+    return _sinkhorn_steps(kernels, scores, inv_eps, log_u, iterations - 1, gather)
+
+
+def _sinkhorn_steps(kernels, scores: Tensor, inv_eps: float, log_u: Tensor, steps: int,
+                    gather: bool) -> Tensor:
+    """The remaining `steps` column steps from log_u (K,), then the codes (B, K)."""
+    for _ in range(steps):
         col_sum = _all_ranks_sum(kernels.sinkhorn_step_fwd(scores, inv_eps, log_u), gather)
         log_u = log_u - col_sum.log()
     return kernels.sinkhorn_codes_fwd(scores, inv_eps, log_u)
+
+
+# Largest ratio of column weights for which the stored P is rescaled (_sinkhorn_cpu): entries of P
+# below FLT_MIN (2**-126, flushed to 0) then weigh at most 2**-126 * K * 2**60 < 2**-40 of their
+# row, far below fp32 rounding. The first reweighting is always far inside: after a column step
+# every prototype's column of P sums to between 1 / (B K) and B.
+_MAX_WEIGHT_RATIO = 2.0 ** 60
+
+
+def _sinkhorn_cpu(ext, scores: Tensor, epsilon: float, iterations: int, gather: bool) -> Tensor:
+    """The C++ path: two exact passes over the scores, the second storing P (B, K) for log u;
+    then each further column step only reweights the stored P, R_bk = P_bk w_k / (P_b . w), which
+    are the codes for log u + log w (the row normalization absorbs every per-row factor), so the
+    later passes are multiply-adds instead of exponentials. While the weights w span a range where
+    P's stored entries represent R exactly to fp32 (always for scores bounded by a few units /
+    epsilon, e.g. normalized embeddings), that is the result; otherwise it goes on with exact passes
+    over the scores from log u + log w. Checking w reads a value on the host: free on CPU."""
+    inv_eps = 1.0 / epsilon
+    log_u = -_all_ranks_lse(ext.sinkhorn_init_fwd(scores, inv_eps), gather)
+    if iterations == 1:
+        return ext.sinkhorn_codes_fwd(scores, inv_eps, log_u)
+    col_sum, codes = ext.sinkhorn_step_codes_fwd(scores, inv_eps, log_u)
+    w, done = 1.0 / _all_ranks_sum(col_sum, gather), 2
+    while bool(w.max() <= w.min() * _MAX_WEIGHT_RATIO):  # False for inf and NaN too
+        if done == iterations:
+            ext.sinkhorn_rescale_(codes, w)
+            return codes
+        w = w / _all_ranks_sum(ext.sinkhorn_rescaled_col_sum(codes, w), gather)
+        done += 1
+    return _sinkhorn_steps(ext, scores, inv_eps, log_u + w.log(), iterations - done, gather)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +191,8 @@ def _sinkhorn(scores: Tensor, epsilon: float, iterations: int, gather: bool) -> 
     kernels = kernels_for(scores, "sinkhorn")
     if kernels is None:
         return sinkhorn_log_ref(scores, epsilon, iterations, gather)
+    if kernels is cpp_extension():
+        return _sinkhorn_cpu(kernels, scores, epsilon, iterations, gather)
     return _sinkhorn_fused(kernels, scores, epsilon, iterations, gather)
 
 
