@@ -4,11 +4,13 @@
 
 void bind_contrastive(py::module_& m);
 void bind_dino(py::module_& m);
+void bind_momentum(py::module_& m);
 void bind_sinkhorn(py::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcl CPU kernels (see fastcl/ops/<family>.py for each op's contract)";
   bind_contrastive(m);
   bind_dino(m);
+  bind_momentum(m);
   bind_sinkhorn(m);
 }

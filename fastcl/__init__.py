@@ -17,12 +17,13 @@ from fastcl.losses import (
     supcon_ref,
 )
 
+from fastcl.ops.momentum import cosine_schedule, momentum_update
 from fastcl.ops.sinkhorn import sinkhorn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DINOLoss", "dino_loss", "dino_loss_ref",
-    "InfoNCELoss", "NTXentLoss", "SupConLoss",
+    "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
     "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "sinkhorn", "supcon", "supcon_ref",
 ]
