@@ -1,0 +1,137 @@
+"""DINO (Caron et al. 2021): self-distillation with no labels, through fastcl.DINOLoss (the fused
+multi-crop cross-entropy with centering and the teacher-temperature warm-up).
+
+Student = backbone + DINO head, on every crop: 2 global crops (area 0.4-1) and ``num_local_crops``
+local ones (area 0.05-0.4, at 96/224 of the side). Teacher = a momentum copy of both, on the two
+global crops only, without gradient. The head is an MLP d -> h -> h -> bottleneck (GELU, no BN),
+then n() and a weight-normalized Linear(bottleneck -> out_dim) without bias whose norm g is fixed
+at 1 (norm_last_layer, the official default; ``norm_last_layer`` 0 learns g).
+
+    L = mean over pairs (t global, s != t) of -sum softmax((g_t - c) / tau_t) log softmax(g_s / 0.1)
+
+with the center c <- 0.9 c + 0.1 mean(teacher outputs) after each loss, tau_t warmed up linearly
+from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` epochs. The
+last layer gets no gradient during the first ``freeze_last_layer`` epochs; gradients are clipped
+per parameter to norm ``clip_grad`` (the official clip_gradients) before the optimizer step. The
+teacher follows the student with a cosine momentum from ``teacher_momentum`` to 1, per step.
+Works with the ResNet and ViT backbones (ViT-S/16 and R50 in the paper).
+
+Official: AdamW, lr 5e-4 * B / 256 with warm-up, wd 0.04 -> 0.4 (cosine; here the trainer's
+constant wd), out_dim 65536, tau_t 0.04 -> 0.07 over 30 of 100 epochs, momentum 0.996.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastcl
+from fastcl.augment import Recipe
+from fastcl.losses import DINOLoss
+from fastcl.methods.base import Method
+from fastcl.methods.mocov1 import momentum_copy
+from fastcl.models import mlp
+
+
+class DINOHead(nn.Module):
+    """(B, in_dim) -> (B, out_dim): MLP (GELU, no BN) to `bottleneck`, n(), then the weight-
+    normalized last layer W = g * v / ||v|| (rows), g fixed at 1 unless learn_norm."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, bottleneck: int,
+                 learn_norm: bool = False):
+        super().__init__()
+        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], batch_norm=False,
+                       activation=nn.GELU)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)  # its weight is v
+        self.last_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=learn_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, self.last_norm * F.normalize(self.last_layer.weight, dim=1))
+
+
+class DINO(Method):
+    name = "dino"
+    HPARAMS = {
+        "out_dim": (1024, "prototypes K of the head's last layer (65536 on ImageNet)"),
+        "head_hidden": (512, "head MLP hidden width (2048 on ImageNet)"),
+        "bottleneck": (128, "head bottleneck before the last layer (256 on ImageNet)"),
+        "norm_last_layer": (1, "1: the last layer's norm stays 1 (official default); 0: learnt"),
+        "student_temp": (0.1, "student softmax temperature"),
+        "teacher_temp": (0.07, "teacher temperature after the warm-up"),
+        "warmup_teacher_temp": (0.04, "teacher temperature at epoch 0"),
+        "warmup_teacher_temp_epochs": (10, "epochs of the linear teacher-temperature warm-up"),
+        "center_momentum": (0.9, "EMA of the teacher center"),
+        "teacher_momentum": (0.99, "base teacher momentum, cosine to 1 (0.996 on ImageNet)"),
+        "freeze_last_layer": (1, "epochs during which the last layer gets no gradient"),
+        "clip_grad": (3.0, "per-parameter gradient-norm clip (0: none)"),
+        "num_local_crops": (4, "local crops per image (8 on ImageNet)"),
+        "global_scale": (0.4, "smallest area fraction of the global crops"),
+        "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05)"),
+    }
+    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, batch_size=128, epochs=30,
+                    warmup_epochs=3)
+
+    def __init__(self, backbone, **kw):
+        super().__init__(backbone, **kw)
+        hp = self.hparams
+        for name in ("norm_last_layer",):
+            if hp[name] not in (0, 1):
+                raise ValueError(f"{name} must be 0 or 1, got {hp[name]!r}")
+        for name in ("num_local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs"):
+            if not (isinstance(hp[name], int) and hp[name] >= 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {hp[name]!r}")
+        if not 0.0 <= hp["teacher_momentum"] <= 1.0:
+            raise ValueError(f"teacher_momentum must be in [0, 1], got {hp['teacher_momentum']}")
+        if not hp["clip_grad"] >= 0:
+            raise ValueError(f"clip_grad must be >= 0, got {hp['clip_grad']}")
+        self.head = DINOHead(backbone.out_dim, hp["out_dim"], hp["head_hidden"],
+                             hp["bottleneck"], learn_norm=not hp["norm_last_layer"])
+        self.teacher = momentum_copy(nn.Sequential(backbone, self.head))
+        self.criterion = DINOLoss(hp["out_dim"], student_temp=hp["student_temp"],
+                                  teacher_temp=hp["teacher_temp"],
+                                  warmup_teacher_temp=hp["warmup_teacher_temp"],
+                                  warmup_teacher_temp_epochs=hp["warmup_teacher_temp_epochs"],
+                                  center_momentum=hp["center_momentum"])
+
+    def view_recipes(self, image_size: int) -> list[Recipe]:
+        hp = self.hparams
+        common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+        global_scale = (hp["global_scale"], 1.0)
+        local_size = max(4, round(image_size * 96 / 224))
+        local = Recipe(local_size, scale=(min(0.05, hp["local_scale"]), hp["local_scale"]),
+                       blur_p=0.5, **common)
+        return [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
+                Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, **common),
+                *[local] * hp["num_local_crops"]]
+
+    def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
+        batch = views[0].shape[0]
+        # Crops of one size go through the student together (one batch per resolution).
+        student = [self.head(self.backbone(torch.cat(group)))
+                   for group in (views[:2], views[2:]) if group]
+        student = torch.cat(student).view(len(views), batch, -1)
+        with torch.no_grad():
+            teacher = self.teacher(torch.cat(views[:2])).view(2, batch, -1)
+        return self.criterion(student, teacher, epoch)
+
+    def after_backward(self, epoch: int) -> None:
+        clip = self.hparams["clip_grad"]
+        student = [p for p in self.parameters() if p.requires_grad and p.grad is not None]
+        if clip > 0 and student:
+            grads = [p.grad for p in student]
+            norms = torch._foreach_norm(grads)
+            torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
+        if epoch < self.hparams["freeze_last_layer"]:
+            self.head.last_layer.weight.grad = None
+            self.head.last_norm.grad = None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        # The official code updates after the step with the schedule's value at this step.
+        m = fastcl.cosine_schedule(min(step, total_steps), total_steps,
+                                   self.hparams["teacher_momentum"], 1.0)
+        fastcl.momentum_update(self.teacher, nn.Sequential(self.backbone, self.head), m)
