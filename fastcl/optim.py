@@ -53,13 +53,24 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither)."""
-    decay, no_decay = [], []
+    """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither); and
+    the same two for parameters marked ``fixed_lr = True`` (SimSiam's predictor), flagged
+    ``fixed_lr`` so that set_lr leaves them at the peak lr."""
+    decay, no_decay, fixed_decay, fixed_no_decay = [], [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay),
-            dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]
+            fixed = getattr(p, "fixed_lr", False)
+            if p.ndim < 2:
+                (fixed_no_decay if fixed else no_decay).append(p)
+            else:
+                (fixed_decay if fixed else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0, lars_exclude=True)]
+    if fixed_decay or fixed_no_decay:
+        groups += [dict(params=fixed_decay, weight_decay=weight_decay, fixed_lr=True),
+                   dict(params=fixed_no_decay, weight_decay=0.0, lars_exclude=True,
+                        fixed_lr=True)]
+    return groups
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float,
@@ -91,4 +102,5 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak: flo
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, groups: Iterable[dict] | None = None
            ) -> None:
     for g in optimizer.param_groups if groups is None else groups:
-        g["lr"] = lr
+        if not g.get("fixed_lr", False):
+            g["lr"] = lr
