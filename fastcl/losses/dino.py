@@ -144,7 +144,8 @@ class DINOLoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor, epoch: Optional[int] = None) -> Tensor:
         """student: (S, B, out_dim), teacher: (T, B, out_dim) -> fp32 loss; updates the center."""
-        loss = dino_loss(student, teacher, self.center, self.student_temp,
+        # A copy of the center: the op keeps it for backward and update_center writes in place.
+        loss = dino_loss(student, teacher, self.center.clone(), self.student_temp,
                          self.teacher_temperature(epoch))
         self.update_center(teacher)
         return loss
