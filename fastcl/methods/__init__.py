@@ -1,22 +1,15 @@
 """Self-supervised methods, one thin module each, by name."""
 from fastcl.methods.base import Method
-from fastcl.methods.cmc import CMC
-from fastcl.methods.cpc import CPC
 from fastcl.methods.dino import DINO
-from fastcl.methods.instdisc import InstDisc
-from fastcl.methods.invaspread import InvaSpread
 from fastcl.methods.mocov1 import MoCoV1
 from fastcl.methods.mocov3 import MoCoV3
 from fastcl.methods.simclr import SimCLR
 from fastcl.methods.simclrv2 import SimCLRv2
 from fastcl.methods.simsiam import SimSiam
-from fastcl.methods.supcon import SupCon
 from fastcl.methods.swav import SwAV
-from fastcl.methods.triplet import Triplet
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, SwAV, MoCoV1, MoCoV3, SimCLRv2,
-                                                      SimSiam, DINO, InstDisc, InvaSpread,
-                                                      CPC, CMC, SupCon, Triplet)}
+                                                      SimSiam, DINO)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -25,5 +18,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["CMC", "CPC", "DINO", "InstDisc", "InvaSpread", "METHODS", "Method", "MoCoV1", "MoCoV3",
-           "SimCLR", "SimCLRv2", "SimSiam", "SupCon", "SwAV", "Triplet", "get_method"]
+__all__ = ["DINO", "METHODS", "Method", "MoCoV1", "MoCoV3", "SimCLR", "SimCLRv2", "SimSiam", "SwAV",
+           "get_method"]
