@@ -2,6 +2,7 @@
 // registers its CPU kernels from its own csrc/<family>.cpp.
 #include <torch/extension.h>
 
+void bind_bank(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_dino(py::module_& m);
 void bind_momentum(py::module_& m);
@@ -9,6 +10,7 @@ void bind_sinkhorn(py::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcl CPU kernels (see fastcl/ops/<family>.py for each op's contract)";
+  bind_bank(m);
   bind_contrastive(m);
   bind_dino(m);
   bind_momentum(m);

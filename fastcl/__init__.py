@@ -19,6 +19,15 @@ from fastcl.losses import (
 
 from fastcl.ops.momentum import cosine_schedule, momentum_update
 from fastcl.ops.sinkhorn import sinkhorn
+from fastcl.memory import (
+    InstDiscNCELoss,
+    MemoryBank,
+    Queue,
+    sampled_info_nce,
+    sampled_info_nce_ref,
+    sampled_nce,
+    sampled_nce_ref,
+)
 
 __version__ = "0.1.0"
 
@@ -26,4 +35,6 @@ __all__ = [
     "DINOLoss", "dino_loss", "dino_loss_ref",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
     "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "sinkhorn", "supcon", "supcon_ref",
+    "InstDiscNCELoss", "MemoryBank", "Queue",
+    "sampled_info_nce", "sampled_info_nce_ref", "sampled_nce", "sampled_nce_ref",
 ]
