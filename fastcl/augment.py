@@ -150,6 +150,14 @@ def random_solarize(x: Tensor, g: torch.Generator, p: float = 0.2,
     return torch.where(apply & (x >= threshold), 1 - x, x)
 
 
+def crop_scale(scale: tuple[float, float], size: int, min_side: int) -> tuple[float, float]:
+    """An area-fraction range for crops of a size x size image, its lower end raised so that the
+    smallest crop still spans min_side pixels: the ImageNet ranges (e.g. 0.08-1) keep at least
+    63 px of a 224 px image, but would leave 2 px of an 8 px digit."""
+    low = min(1.0, max(scale[0], (min_side / size) ** 2))
+    return low, max(low, scale[1])
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One view's augmentation pipeline: crop + flip, color jitter, grayscale, blur, solarize,

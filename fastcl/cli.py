@@ -47,7 +47,7 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     run.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet18",
                      help="default resnet18 (small-image stem)")
     run.add_argument("--width", type=float, help=f"channel multiplier of the backbone; default "
-                                                 f"{d.get('width')}")
+                                                 f"{d.get('width', 1.0)}")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
     run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     run.add_argument("--out", metavar="DIR", help=f"output folder; default runs/{method_cls.name}")

@@ -29,7 +29,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 
 @dataclass
 class ImageData:
-    """x_*: (N, C, H, W) uint8, y_*: (N,) int64; classes names the labels."""
+    """x_*: (N, C, H, W) uint8, y_*: (N,) int64; classes names the labels.
+
+    mirror_invariant: whether a horizontal flip keeps an image's meaning (natural images: yes,
+    handwriting: no); the augmentations flip only then."""
 
     name: str
     x_train: Tensor
@@ -37,6 +40,7 @@ class ImageData:
     x_test: Tensor
     y_test: Tensor
     classes: list[str]
+    mirror_invariant: bool = True
 
     @property
     def channels(self) -> int:
@@ -90,7 +94,8 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
         idx = (y == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
         test[idx[: int(round(len(idx) * test_fraction))]] = True
-    return ImageData("digits", x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)])
+    return ImageData("digits", x[~test], y[~test], x[test], y[test], [str(c) for c in range(10)],
+                     mirror_invariant=False)
 
 
 def _as_nchw(name: str, x: np.ndarray) -> Tensor:

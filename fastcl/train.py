@@ -102,12 +102,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std,
-                 gather: bool = False) -> nn.Module:
+def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std, *,
+                 flip: bool = True, gather: bool = False, num_items: int = 0) -> nn.Module:
     backbone = build_backbone(cfg.backbone, in_channels=data_channels, image_size=image_size,
                               width=cfg.width)
     return get_method(cfg.method)(backbone, image_size=image_size, mean=mean, std=std,
-                                  gather=gather, **cfg.hparams)
+                                  flip=flip, gather=gather, num_items=num_items,
+                                  **cfg.hparams)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +253,8 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
 
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, data.channels, data.image_size, mean, std,
-                          gather=size > 1).to(device)
+                          flip=data.mirror_invariant, gather=size > 1,
+                          num_items=len(data.x_train)).to(device)
     if size > 1:
         _broadcast_state(method)
     optimizer = build_optimizer(cfg.optimizer, method, lr=cfg.lr,
@@ -278,6 +280,12 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     g = torch.Generator(device=device)
     x_train = data.x_train.to(device)
+    # The per-batch extras the method asks for (Method.batch_extras), by name.
+    extra_sources = {"indices": None, "labels": data.y_train.to(device)}
+    unknown_extras = set(method.batch_extras) - set(extra_sources)
+    if unknown_extras:
+        raise ValueError(f"{cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
+                         f"trainer provides {sorted(extra_sources)}")
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
@@ -288,10 +296,13 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
             lr = cosine_with_warmup(step, total_steps, warmup_steps, cfg.lr)
             set_lr(optimizer, lr)
             g.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+            idx = idx.to(device)
             with torch.no_grad():
-                views = method.augment(x_train[idx.to(device)], g)
+                views = method.augment(x_train[idx], g)
+            extras = {name: idx if name == "indices" else extra_sources[name][idx]
+                      for name in method.batch_extras}
             with autocast:
-                loss = method(views, epoch=epoch)
+                loss = method(views, epoch=epoch, **extras)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _average_gradients(params, size)
@@ -316,12 +327,14 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
             knn = evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=cfg.knn_k)
             row = dict(epoch=epoch + 1, loss=round(mean_loss, 6), lr=round(lr, 8),
                        images_per_s=round(seen / train_seconds, 1), knn_top1=round(knn, 5),
+                       **{key: round(value, 5) for key, value in method.monitor(
+                           data, mean=mean, std=std, device=device, k=cfg.knn_k).items()},
                        seconds=round(time.perf_counter() - t0, 2))
             history.append(row)
             save_checkpoint(ckpt_path, dict(
                 format=CHECKPOINT_FORMAT, config=asdict(cfg), epoch=epoch + 1,
                 data=dict(name=data.name, channels=data.channels, image_size=data.image_size,
-                          mean=mean, std=std),
+                          mean=mean, std=std, num_items=len(data.x_train)),
                 model=method.state_dict(), optimizer=optimizer.state_dict(), history=history))
             _write_csv(out / "metrics.csv", history)
             if cfg.progress:
@@ -379,7 +392,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None
                          f"{info['image_size']}px images, --data has {data.channels}-channel "
                          f"{data.image_size}px images")
     dev = pick_device(device)
-    method = build_method(cfg, info["channels"], info["image_size"], info["mean"], info["std"])
+    method = build_method(cfg, info["channels"], info["image_size"], info["mean"], info["std"],
+                          num_items=info.get("num_items", 0))
     method.load_state_dict(state["model"])
     method.to(dev)
     train_f, test_f = _features(method, data, dev, info["mean"], info["std"])

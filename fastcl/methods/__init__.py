@@ -1,15 +1,17 @@
 """Self-supervised methods, one thin module each, by name."""
 from fastcl.methods.base import Method
+from fastcl.methods.byol import BYOL
 from fastcl.methods.dino import DINO
 from fastcl.methods.mocov1 import MoCoV1
+from fastcl.methods.mocov2 import MoCoV2
 from fastcl.methods.mocov3 import MoCoV3
 from fastcl.methods.simclr import SimCLR
 from fastcl.methods.simclrv2 import SimCLRv2
 from fastcl.methods.simsiam import SimSiam
 from fastcl.methods.swav import SwAV
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, SwAV, MoCoV1, MoCoV3, SimCLRv2,
-                                                      SimSiam, DINO)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, SwAV, MoCoV2, BYOL, MoCoV1, MoCoV3,
+                                                      SimCLRv2, SimSiam, DINO)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -18,5 +20,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["DINO", "METHODS", "Method", "MoCoV1", "MoCoV3", "SimCLR", "SimCLRv2", "SimSiam", "SwAV",
-           "get_method"]
+__all__ = ["BYOL", "DINO", "METHODS", "Method", "MoCoV1", "MoCoV2", "MoCoV3", "SimCLR", "SimCLRv2",
+           "SimSiam", "SwAV", "get_method"]

@@ -3,16 +3,19 @@
 A method is an ``nn.Module`` that maps a batch of images to its loss:
 
     views = method.augment(images, generator)     # list of (B, C, s, s) tensors on the device
-    loss = method(views, epoch=epoch)             # scalar, through the fused ops
+    loss = method(views, epoch=epoch, **extras)   # scalar, through the fused ops
     ... backward, optimizer step ...
     method.after_step(step, total_steps)          # momentum encoders, queues
 
+``extras`` holds what the method lists in ``batch_extras``: "indices", the (B,) int64 training-set
+rows of the batch (memory banks), and "labels", their (B,) int64 labels (supervised methods).
 ``method.backbone`` is the encoder that evaluation uses. Hyper-parameters are declared in
 ``HPARAMS`` (name -> (default, help)) and exposed by the command line as --name; ``DEFAULTS`` gives
 the method's trainer defaults (optimizer, lr, batch size, ...) scaled to small images.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -25,9 +28,12 @@ class Method(nn.Module):
     name: ClassVar[str]
     HPARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # Per-batch keyword arguments forward needs from the trainer, among "indices" and "labels".
+    batch_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, *, image_size: int, mean: Sequence[float],
-                 std: Sequence[float], gather: bool = False, **hparams: Any):
+                 std: Sequence[float], flip: bool = True, gather: bool = False,
+                 num_items: int = 0, **hparams: Any):
         super().__init__()
         unknown = set(hparams) - set(self.HPARAMS)
         if unknown:
@@ -38,7 +44,11 @@ class Method(nn.Module):
         self.image_size = image_size
         # Under torch.distributed, the losses see every rank's embeddings.
         self.gather = gather
-        self.recipes = [r.with_stats(mean, std) for r in self.view_recipes(image_size)]
+        # Training images: the rows of a memory bank indexed by "indices" (0 when not known).
+        self.num_items = num_items
+        # flip=False for data whose meaning a mirror changes (ImageData.mirror_invariant).
+        self.recipes = [replace(r, flip_p=r.flip_p if flip else 0.0).with_stats(mean, std)
+                        for r in self.view_recipes(image_size)]
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         """One Recipe per view, in the order forward expects the views."""
@@ -56,3 +66,9 @@ class Method(nn.Module):
 
     def after_backward(self, epoch: int) -> None:
         """Called between backward and the optimizer step (gradient surgery, e.g. frozen layers)."""
+
+    def monitor(self, data, *, mean: Sequence[float], std: Sequence[float],
+                device: torch.device, k: int) -> dict[str, float]:
+        """Extra figures for each epoch's metrics row (e.g. InstDisc's kNN on its memory bank),
+        from the ImageData the run trains on."""
+        return {}

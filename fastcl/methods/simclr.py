@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import NTXentLoss
 from fastcl.methods.base import Method
 from fastcl.models import mlp
@@ -16,13 +16,19 @@ from fastcl.models import mlp
 class SimCLR(Method):
     name = "simclr"
     HPARAMS = {
-        "temperature": (0.5, "NT-Xent temperature (0.5 as SimCLR's CIFAR setting)"),
+        "temperature": (0.2, "NT-Xent temperature (SimCLR: 0.1 ImageNet, 0.5 CIFAR; 0.2 learns "
+                             "fastest in short runs on small data)"),
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection (loss) dimension"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
+                            "at least 6 px wide)"),
+        "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
+                                 "ImageNet, 0.5 CIFAR)"),
     }
-    DEFAULTS = dict(optimizer="lars", lr=1.0, weight_decay=1e-6, batch_size=256, epochs=30,
-                    warmup_epochs=3)
+    # Scaled to small data and CPU budgets: the embedded digits reach kNN 0.95 in about a minute
+    # of 2 CPU cores. SimCLR's LARS (lr 0.3 B / 256, 10 warm-up epochs) needs far longer runs.
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
+                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -32,8 +38,11 @@ class SimCLR(Method):
         self.criterion = NTXentLoss(temperature=hp["temperature"], gather=self.gather)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=(self.hparams["min_scale"], 1.0),
-                        jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+        s = self.hparams["jitter_strength"]
+        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        recipe = Recipe(image_size, scale=scale,
+                        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
+                        blur_p=0.5)
         return [recipe, recipe]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:

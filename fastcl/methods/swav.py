@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.distributed import all_gather_no_grad
 from fastcl.methods.base import Method
 from fastcl.models import mlp
@@ -34,14 +34,19 @@ class SwAV(Method):
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection dimension"),
         "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet)"),
-        "min_scale": (0.14, "smallest area fraction of the large crops"),
-        "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05)"),
+        "min_scale": (0.14, "smallest area fraction of the large crops (raised to keep them "
+                            "at least 6 px wide)"),
+        "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05; both "
+                              "raised to keep them at least 4 px wide)"),
+        "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s)"),
         "freeze_prototypes_epochs": (1, "epochs during which the prototypes get no gradient"),
         "queue_length": (0, "past large-crop embeddings prepended for Sinkhorn (0: no queue)"),
         "queue_start_epoch": (15, "epoch from which the queue is used"),
     }
-    DEFAULTS = dict(optimizer="lars", lr=1.0, weight_decay=1e-6, batch_size=128, epochs=30,
-                    warmup_epochs=2)
+    # Scaled to small data and CPU budgets, as SimCLR's (SwAV's LARS at lr 4.8 and B 4096 needs
+    # hundreds of epochs).
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
+                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -53,11 +58,15 @@ class SwAV(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         hp = self.hparams
-        large = Recipe(image_size, scale=(hp["min_scale"], 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
-                       jitter_p=0.8, gray_p=0.2, blur_p=0.5)
-        small_size = max(4, round(image_size * 96 / 224))
-        small = Recipe(small_size, scale=(min(0.05, hp["small_scale"]), hp["small_scale"]),
-                       jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+        s = hp["jitter_strength"]
+        jitter = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
+                      blur_p=0.5)
+        large = Recipe(image_size, scale=crop_scale((hp["min_scale"], 1.0), image_size, 6),
+                       **jitter)
+        # Small crops: 96 / 224 of the side, a small part of the image each.
+        low, high = crop_scale((min(0.05, hp["small_scale"]), hp["small_scale"]), image_size, 4)
+        small = Recipe(max(4, round(image_size * 96 / 224)), scale=(low, max(high, 2 * low)),
+                       **jitter)
         return [large, large] + [small] * hp["num_small_crops"]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:

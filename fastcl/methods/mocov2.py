@@ -1,0 +1,39 @@
+"""MoCo v2 (Chen et al. 2020): MoCo v1 (queue via fastcl.Queue, keys from a momentum encoder via
+fastcl.momentum_update, InfoNCE via fastcl.info_nce, shuffle BN) with an MLP head
+(d -> hidden, ReLU -> dim, no BN), temperature 0.2, the cosine learning rate (the trainer's
+schedule) and SimCLR-like augmentation: crop 0.2-1, color jitter (0.4, 0.4, 0.4, 0.1) p=0.8,
+grayscale 0.2, Gaussian blur p=0.5, flip. Not symmetrized, as the official code.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from fastcl.augment import Recipe, crop_scale
+from fastcl.methods.mocov1 import MoCoV1, momentum_copy
+from fastcl.models import mlp
+
+
+class MoCoV2(MoCoV1):
+    name = "mocov2"
+    HPARAMS = {
+        **MoCoV1.HPARAMS,
+        "temperature": (0.2, "InfoNCE temperature"),
+        "mlp_hidden": (512, "hidden width of the MLP head (2048 on ImageNet)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep crops at "
+                           "least 6 px wide)"),
+    }
+    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=15,
+                    warmup_epochs=1, width=0.5)
+
+    def __init__(self, backbone, **kw):
+        super().__init__(backbone, **kw)
+        hp = self.hparams
+        # v2's head replaces v1's linear one, in the query and (a fresh copy) the key encoder.
+        self.head = mlp([backbone.out_dim, hp["mlp_hidden"], hp["dim"]], batch_norm=False)
+        self.key_encoder = momentum_copy(nn.Sequential(backbone, self.head))
+
+    def view_recipes(self, image_size: int) -> list[Recipe]:
+        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        recipe = Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                        gray_p=0.2, blur_p=0.5)
+        return [recipe, recipe]

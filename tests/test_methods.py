@@ -1,0 +1,119 @@
+"""Every method trains a few steps on a tiny CPU batch with a finite, decreasing loss; backbones
+and heads have the shapes they promise."""
+import math
+
+import pytest
+import torch
+
+from fastcl.methods import get_method
+from fastcl.models import build_backbone, mlp
+
+
+def _method(name, **hparams):
+    backbone = build_backbone("resnet18", in_channels=1, image_size=8, width=0.125)
+    return get_method(name)(backbone, image_size=8, mean=[0.3], std=[0.4], **hparams)
+
+
+def _fit(method, steps=6, epoch=0):
+    """Adam on one fixed batch of augmented views: the loss must go down."""
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    views = method.augment(images, g)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        loss = method(views, epoch=epoch)
+        opt.zero_grad()
+        loss.backward()
+        method.after_backward(epoch)
+        opt.step()
+        method.after_step(step, steps)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["simclr", "swav", "mocov2", "byol"])
+def test_method_trains(name):
+    torch.manual_seed(0)
+    method = _method(name)
+    losses = _fit(method, epoch=5)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+
+
+def test_swav_views_and_frozen_prototypes():
+    method = _method("swav", num_small_crops=3)
+    sizes = [r.size for r in method.recipes]
+    assert sizes == [8, 8, 4, 4, 4]
+    before = method.prototypes.weight.detach().clone()
+    _fit(method, steps=2, epoch=0)  # epoch 0: prototypes frozen (only re-normalized)
+    torch.testing.assert_close(method.prototypes.weight, torch.nn.functional.normalize(before))
+    _fit(method, steps=2, epoch=1)
+    assert not torch.allclose(method.prototypes.weight, before)
+
+
+def test_swav_queue_fills_and_is_used():
+    method = _method("swav", queue_length=32, queue_start_epoch=0, num_small_crops=0)
+    _fit(method, steps=1)
+    assert bool(method.queue[:, :16].any()) and not bool(method.queue[:, 16:].any())
+    losses = _fit(method, steps=3)  # full from the second step on: its scores join Sinkhorn
+    assert bool(method.queue[:, -1].any())
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_byol_target_follows_with_cosine_momentum():
+    method = _method("byol", momentum_base=0.9)
+    online = list(method.backbone.parameters()) + list(method.projector.parameters())
+    with torch.no_grad():
+        for p in online:
+            p.add_(torch.randn_like(p))
+    target_before = [p.detach().clone() for p in method.target.parameters()]
+    method.after_step(0, 6)
+    # After step 1 of 6: tau = 1 - (1 - 0.9) * (cos(pi / 6) + 1) / 2.
+    tau = 1 - 0.1 * (math.cos(math.pi / 6) + 1) / 2
+    for t, before, o in zip(method.target.parameters(), target_before, online):
+        torch.testing.assert_close(t, tau * before + (1 - tau) * o.detach())
+    assert not any(p.requires_grad for p in method.target.parameters())
+
+
+def test_mocov2_head_queue_and_key_encoder():
+    method = _method("mocov2", queue_size=24)
+    assert [type(m).__name__ for m in method.head] == ["Linear", "ReLU", "Linear"]
+    assert method.key_encoder[1] is not method.head
+    _fit(method, steps=2)
+    # Two batches of 16 keys went through a queue of 24 rows, wrapping around.
+    assert method.queue.tensor.shape == (24, 128)
+    keys_norm = method.queue.tensor.norm(dim=1)
+    torch.testing.assert_close(keys_norm, torch.ones(24))
+
+
+def test_unknown_method_and_hparam():
+    with pytest.raises(ValueError, match="simclr"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="temperature"):
+        _method("simclr", tempreature=0.1)
+
+
+@pytest.mark.parametrize("name, in_ch, side, dim", [
+    ("resnet18", 3, 16, 64), ("resnet50", 1, 8, 256), ("vit_small", 3, 16, 48)])
+def test_backbones(name, in_ch, side, dim):
+    net = build_backbone(name, in_channels=in_ch, image_size=side, width=0.125 if
+                         name.startswith("resnet") else 0.25)
+    out = net(torch.randn(2, in_ch, side, side))
+    assert out.shape == (2, net.out_dim) and net.out_dim == dim
+    if name == "vit_small":  # other sides (multi-crop) interpolate the position grid
+        assert net(torch.randn(2, in_ch, side // 2, side // 2)).shape == (2, dim)
+
+
+def test_backbone_errors():
+    with pytest.raises(ValueError, match="resnet18"):
+        build_backbone("resnet19")
+    with pytest.raises(ValueError, match="width"):
+        build_backbone("resnet18", width=0)
+
+
+def test_mlp_layers():
+    head = mlp([8, 16, 4], last_batch_norm=True, last_affine=False)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert head[0].bias is None and head[3].bias is None and head[4].weight is None

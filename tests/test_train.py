@@ -1,0 +1,148 @@
+"""The trainer: output files, atomic checkpoints, exact resume, compatibility checks and a
+two-process (torchrun, gloo) run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastcl.data import ImageData
+from fastcl.train import (TrainConfig, evaluate_checkpoint, load_checkpoint, save_checkpoint,
+                          train)
+
+
+def tiny_data(n_train=64, n_test=32, side=8, seed=0):
+    """Two classes told apart by where a bright square sits: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        y = rng.integers(0, 2, n)
+        x = rng.integers(0, 40, (n, 1, side, side)).astype(np.uint8)
+        for i, label in enumerate(y):
+            r = 0 if label == 0 else side // 2
+            x[i, 0, r:r + side // 2, :side // 2] = 230
+        return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+
+    return ImageData("tiny", *draw(n_train), *draw(n_test), ["top", "bottom"])
+
+
+def tiny_config(out, **kw):
+    values = dict(method="simclr", backbone="resnet18", width=0.125, batch_size=16, epochs=2,
+                  warmup_epochs=1, out=str(out), progress=False, deterministic=True,
+                  hparams=dict(proj_hidden=32, proj_dim=16))
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_outputs(tmp_path):
+    result = train(tiny_config(tmp_path), data=tiny_data())
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["epoch", "loss", "lr", "images_per_s", "knn_top1", "seconds"]
+    assert len(lines) == 3
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == result
+    for key in ("knn_top1", "linear_top1"):
+        assert 0.0 <= written[key] <= 1.0
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["method"] == "simclr"
+
+
+def _interrupt_after_first_epoch(epoch, row):
+    if epoch == 0:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method", ["simclr", "swav"])
+def test_exact_resume(tmp_path, method):
+    hparams = dict(proj_hidden=32, proj_dim=16)
+    if method == "swav":
+        hparams.update(num_prototypes=10, num_small_crops=1)
+    full = tiny_config(tmp_path / "full", method=method, hparams=hparams)
+    train(full, data=tiny_data())
+    parts = tiny_config(tmp_path / "parts", method=method, hparams=hparams)
+    with pytest.raises(KeyboardInterrupt):
+        train(parts, data=tiny_data(), on_epoch_end=_interrupt_after_first_epoch)
+    assert load_checkpoint(tmp_path / "parts" / "last.pt")["epoch"] == 1
+    parts.resume = True
+    train(parts, data=tiny_data())
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "parts" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["history"][1]["loss"] == b["history"][1]["loss"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # interrupted in the middle of writing
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_resume_rejects_other_method_or_backbone(tmp_path):
+    train(tiny_config(tmp_path, epochs=1), data=tiny_data())
+    with pytest.raises(ValueError, match="method 'simclr'"):
+        train(tiny_config(tmp_path, epochs=2, method="swav", resume=True,
+                          hparams=dict(num_prototypes=10)), data=tiny_data())
+    with pytest.raises(ValueError, match="width"):
+        train(tiny_config(tmp_path, epochs=2, width=0.25, resume=True), data=tiny_data())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_config(tmp_path / "elsewhere", resume=True), data=tiny_data())
+    with pytest.raises(ValueError, match="not a fastcl training checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "other.pt")
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        train(tiny_config(tmp_path, backbone="vgg"), data=tiny_data())
+    with pytest.raises(ValueError, match="precision"):
+        train(tiny_config(tmp_path, precision="fp8"), data=tiny_data())
+    with pytest.raises(ValueError, match="larger than"):
+        train(tiny_config(tmp_path, batch_size=1000), data=tiny_data())
+
+
+def test_bf16_and_evaluate_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, epochs=1, precision="bf16"), data=tiny_data())
+    data_path = tmp_path / "tiny.npz"
+    d = tiny_data()
+    np.savez(data_path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
+             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
+    result = evaluate_checkpoint(tmp_path / "last.pt", str(data_path), device="cpu")
+    assert result["epoch"] == 1 and 0 <= result["knn_top1"] <= 1
+
+
+def test_two_process_gloo_run(tmp_path):
+    """torchrun --nproc_per_node=2 -m fastcl train: DDP on CPU (gloo) with gathered losses."""
+    d = tiny_data()
+    data_path = tmp_path / "tiny.npz"
+    np.savez(data_path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
+             x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--standalone", "-m", "fastcl", "train", "simclr", "--data", str(data_path),
+           "--epochs", "1", "--batch-size", "8", "--width", "0.125", "--proj-hidden", "32",
+           "--out", str(out), "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "metrics.json").read_text())
+    assert 0 <= result["knn_top1"] <= 1
+    state = load_checkpoint(out / "last.pt")
+    # 64 images, 8 per process, 2 processes: 4 steps of a global batch of 16.
+    assert state["history"][0]["epoch"] == 1
+    assert state["optimizer"]["state"]  # the optimizer stepped
