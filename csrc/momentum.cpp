@@ -105,12 +105,38 @@ inline void store_float(at::Half* dst, float v) {
 
 /// target[0, n) = keep * target + take * online, computed in float32.
 template <typename TargetT, typename OnlineT>
-void update_chunk(TargetT* __restrict target, const OnlineT* __restrict online, int64_t n,
-                  float keep, float take) {
+__attribute__((always_inline)) inline void update_chunk(TargetT* __restrict target,
+                                                        const OnlineT* __restrict online,
+                                                        int64_t n, float keep, float take) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     store_float(target + i, keep * load_float(target[i]) + take * load_float(online[i]));
   }
+}
+
+// Extensions are compiled for the baseline x86-64 ISA (SSE2: 4 lanes, and none of the widening
+// loads, blends and packs that the 16-bit conversions need). The same loop is compiled a second
+// time for AVX2 through a function attribute, and taken at run time on CPUs that have it: 2x
+// faster with a 16-bit target or a float16 online tensor, the same results (no FMA contraction
+// under -std=c++17).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__AVX2__)
+#define FASTCL_MOMENTUM_AVX2_CLONE 1
+
+template <typename TargetT, typename OnlineT>
+__attribute__((target("avx2"))) void update_chunk_avx2(TargetT* target, const OnlineT* online,
+                                                       int64_t n, float keep, float take) {
+  update_chunk(target, online, n, keep, take);
+}
+#endif
+
+template <typename TargetT, typename OnlineT>
+void update_chunk_for_cpu(TargetT* target, const OnlineT* online, int64_t n, float keep,
+                          float take) {
+#if defined(FASTCL_MOMENTUM_AVX2_CLONE)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return update_chunk_avx2(target, online, n, keep, take);
+#endif
+  update_chunk(target, online, n, keep, take);
 }
 
 struct WorkItem {
@@ -139,8 +165,8 @@ void update_group(const std::vector<Tensor>& targets, const std::vector<Tensor>&
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (items > 1)
   for (int64_t w = 0; w < items; ++w) {
     const WorkItem& item = work[w];
-    update_chunk(target_data[item.tensor] + item.begin, online_data[item.tensor] + item.begin,
-                 item.end - item.begin, keep, take);
+    update_chunk_for_cpu(target_data[item.tensor] + item.begin,
+                         online_data[item.tensor] + item.begin, item.end - item.begin, keep, take);
   }
 }
 

@@ -221,7 +221,8 @@ def momentum_update(target, online, momentum, *, buffers: bool = False) -> None:
     momentum: a float in [0, 1] (0 copies online into target, 1 leaves target as it is), or a 0-dim
     floating tensor on the targets' device: its value is read by the kernel, never on the host,
     so a schedule can change it in place between steps (momentum.fill_(cosine_schedule(...)))
-    under torch.compile or a CUDA graph. A tensor's value is not checked.
+    under torch.compile or a CUDA graph (capture after one eager step: the first call for a set
+    of CUDA tensors uploads their table of chunk offsets). A tensor's value is not checked.
 
     Runs under torch.no_grad (targets may require grad; no autograd history is recorded). A few
     launches for the whole model: one per (device, target dtype, online dtype), plus one copy of
