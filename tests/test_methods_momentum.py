@@ -18,8 +18,7 @@ from fastcl.optim import build_optimizer, set_lr
 
 
 def _method(name, backbone="resnet18", **hparams):
-    width = 0.125 if backbone.startswith("resnet") else 0.125
-    net = build_backbone(backbone, in_channels=1, image_size=8, width=width)
+    net = build_backbone(backbone, in_channels=1, image_size=8, width=0.125)
     return get_method(name)(net, image_size=8, mean=[0.3], std=[0.4], **hparams)
 
 
@@ -199,13 +198,11 @@ def test_shuffled_bn_forward():
 # ----------------------------------------------------------------------------------------------
 # Variants and training steps
 # ----------------------------------------------------------------------------------------------
+# The defaults of every method (ResNet) train in tests/test_methods.py; here the other variants.
 @pytest.mark.parametrize("name, backbone, hparams", [
     ("mocov1", "resnet18", dict(queue_size=16)),
-    ("mocov3", "resnet18", {}),
     ("mocov3", "vit_small", {}),
     ("simclrv2", "resnet18", dict(memory_size=64)),
-    ("simsiam", "resnet18", {}),
-    ("dino", "resnet18", dict(out_dim=64, num_local_crops=2)),
     ("dino", "vit_small", dict(out_dim=64, num_local_crops=2)),
 ])
 def test_training_steps_decrease_the_loss(name, backbone, hparams):
@@ -220,11 +217,12 @@ def test_training_steps_decrease_the_loss(name, backbone, hparams):
 def test_mocov3_vit_variant():
     method = _method("mocov3", "vit_small")
     assert not method.backbone.embed.weight.requires_grad  # frozen random patch projection
-    before = method.backbone.embed.weight.detach().clone()
     linears = [m for m in method.projector if isinstance(m, nn.Linear)]
     assert len(linears) == 3 and isinstance(method.predictor[-1], nn.BatchNorm1d)
-    _fit(method, steps=2)
-    torch.testing.assert_close(method.backbone.embed.weight, before)
+    images, g = _images(4)
+    method(method.augment(images, g)).backward()
+    assert method.backbone.embed.weight.grad is None
+    assert method.backbone.blocks[0].mlp[0].weight.grad is not None
     resnet = _method("mocov3")
     assert len([m for m in resnet.projector if isinstance(m, nn.Linear)]) == 2
     assert isinstance(resnet.predictor[-1], nn.Linear)
