@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import DINOLoss
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
@@ -64,17 +64,19 @@ class DINO(Method):
         "student_temp": (0.1, "student softmax temperature"),
         "teacher_temp": (0.07, "teacher temperature after the warm-up"),
         "warmup_teacher_temp": (0.04, "teacher temperature at epoch 0"),
-        "warmup_teacher_temp_epochs": (10, "epochs of the linear teacher-temperature warm-up"),
+        "warmup_teacher_temp_epochs": (4, "epochs of the linear teacher-temperature warm-up"),
         "center_momentum": (0.9, "EMA of the teacher center"),
         "teacher_momentum": (0.99, "base teacher momentum, cosine to 1 (0.996 on ImageNet)"),
         "freeze_last_layer": (1, "epochs during which the last layer gets no gradient"),
         "clip_grad": (3.0, "per-parameter gradient-norm clip (0: none)"),
         "num_local_crops": (4, "local crops per image (8 on ImageNet)"),
-        "global_scale": (0.4, "smallest area fraction of the global crops"),
-        "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05)"),
+        "global_scale": (0.4, "smallest area fraction of the global crops (raised to keep them "
+                              "at least 6 px wide)"),
+        "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05; both "
+                             "raised to keep them at least 4 px wide)"),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, batch_size=128, epochs=30,
-                    warmup_epochs=3)
+    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, batch_size=128, epochs=12,
+                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -101,10 +103,11 @@ class DINO(Method):
     def view_recipes(self, image_size: int) -> list[Recipe]:
         hp = self.hparams
         common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
-        global_scale = (hp["global_scale"], 1.0)
+        global_scale = crop_scale((hp["global_scale"], 1.0), image_size, min_side=6)
         local_size = max(4, round(image_size * 96 / 224))
-        local = Recipe(local_size, scale=(min(0.05, hp["local_scale"]), hp["local_scale"]),
-                       blur_p=0.5, **common)
+        local_scale = crop_scale((min(0.05, hp["local_scale"]), hp["local_scale"]), image_size,
+                                 min_side=4)
+        local = Recipe(local_size, scale=local_scale, blur_p=0.5, **common)
         return [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
                 Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, **common),
                 *[local] * hp["num_local_crops"]]

@@ -15,11 +15,12 @@ Momentum, per iteration: m = 1 - (1 + cos(pi t / T)) / 2 * (1 - m0) (fastcl.cosi
 to 1), applied in ``after_step`` with the next step's value, i.e. just before that step's keys, as
 the official code does at the start of each step.
 
-Official settings: ResNet: LARS, lr 0.6 * B / 256, wd 1e-6, tau 1.0. ViT: AdamW, lr 1.5e-4 * B / 256,
-wd 0.1, tau 0.2, e.g.
+Official settings: ResNet: LARS, lr 0.6 * B / 256, wd 1e-6, tau 1.0. ViT: AdamW,
+lr 1.5e-4 * B / 256, wd 0.1, tau 0.2, e.g.
     fastcl train mocov3 --backbone vit_small --optimizer adamw --lr 1.5e-4 --weight-decay 0.1 \\
         --temperature 0.2
-The defaults below are scaled to the small images and short runs of the embedded digits.
+The defaults below are scaled to the small images and short runs of the embedded digits: AdamW
+(the ViT recipe's optimizer, for both backbones), tau 0.2, a half-width ResNet-18, 12 epochs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import InfoNCELoss
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
@@ -44,10 +45,11 @@ class MoCoV3(Method):
                            "0: by backbone"),
         "momentum": (0.99, "base momentum m0 of the cosine schedule to 1"),
         "freeze_patch_projection": (1, "ViT: 1 keeps the patch projection at its random init"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
+                            "at least 6 px wide)"),
     }
-    DEFAULTS = dict(optimizer="lars", lr=1.5, weight_decay=1e-6, batch_size=256, epochs=30,
-                    warmup_epochs=3)
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
+                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -70,7 +72,8 @@ class MoCoV3(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         # BYOL's asymmetric augmentation, as MoCo v3 uses.
-        common = dict(scale=(self.hparams["min_scale"], 1.0), jitter=(0.4, 0.4, 0.2, 0.1),
+        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        common = dict(scale=scale, jitter=(0.4, 0.4, 0.2, 0.1),
                       jitter_p=0.8, gray_p=0.2)
         return [Recipe(image_size, blur_p=1.0, **common),
                 Recipe(image_size, blur_p=0.1, solarize_p=0.2, **common)]

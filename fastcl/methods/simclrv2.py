@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.losses.simclrv2 import NTXentMemoryLoss
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
@@ -34,10 +34,13 @@ class SimCLRv2(Method):
         "proj_dim": (128, "projection (loss) dimension"),
         "memory_size": (0, "momentum-network embeddings kept as extra negatives (0: none)"),
         "memory_momentum": (0.99, "EMA of the memory network (0.999 on ImageNet)"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
+                            "at least 6 px wide)"),
+        "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
+                                 "ImageNet, 0.5 CIFAR)"),
     }
-    DEFAULTS = dict(optimizer="lars", lr=1.0, weight_decay=1e-4, batch_size=256, epochs=30,
-                    warmup_epochs=3)
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
+                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -55,8 +58,10 @@ class SimCLRv2(Method):
             self.memory = fastcl.Queue(hp["memory_size"], hp["proj_dim"])
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=(self.hparams["min_scale"], 1.0),
-                        jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+        s = self.hparams["jitter_strength"]
+        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        recipe = Recipe(image_size, scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                        jitter_p=0.8, gray_p=0.2, blur_p=0.5)
         return [recipe, recipe]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 from fastcl.losses.simsiam import SimSiamLoss
 from fastcl.methods.base import Method
 from fastcl.models import mlp
@@ -27,10 +27,11 @@ class SimSiam(Method):
         "proj_dim": (512, "projector width and output dimension h (2048 on ImageNet)"),
         "pred_hidden": (128, "predictor bottleneck width (h / 4)"),
         "fixed_predictor_lr": (1, "1: the predictor keeps the peak lr (no schedule); 0: scheduled"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep crops "
+                           "at least 6 px wide)"),
     }
-    DEFAULTS = dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, batch_size=256, epochs=30,
-                    warmup_epochs=0)
+    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=12,
+                    warmup_epochs=0, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -48,8 +49,9 @@ class SimSiam(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         # SimSiam's (MoCo v2's) augmentation.
-        recipe = Recipe(image_size, scale=(self.hparams["min_scale"], 1.0),
-                        jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        recipe = Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                        gray_p=0.2, blur_p=0.5)
         return [recipe, recipe]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
