@@ -27,6 +27,19 @@ def test_digits_default():
     assert torch.equal(again.x_test, data.x_test)  # the split is fixed
 
 
+def test_digits_shift_defeats_raw_pixels():
+    """The harder set: same labels and split as the digits, but raw-pixel kNN near chance."""
+    from fastcl.evaluate import knn_accuracy
+
+    data, base = load_data("digits-shift"), digits()
+    assert data.x_train.shape == (len(base.x_train), 3, 16, 16)
+    assert torch.equal(data.y_test, base.y_test) and not data.mirror_invariant
+    raw = knn_accuracy(data.x_train.flatten(1).float(), data.y_train,
+                       data.x_test.flatten(1).float(), data.y_test)
+    assert raw < 0.3
+    assert torch.equal(load_data("digits-shift").x_test, data.x_test)  # fixed by the seed
+
+
 def _write_cifar10(folder, n=6):
     rng = np.random.default_rng(0)
     for name in ["data_batch_1", "data_batch_2", "test_batch"]:
