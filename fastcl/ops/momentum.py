@@ -87,16 +87,18 @@ def _dense_pair(t: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
 def _momentum_update_(target: list[Tensor], online: list[Tensor], momentum: Tensor) -> None:
     """target[i] <- momentum * target[i] + (1 - momentum) * online[i], in place. All tensors on
     one device (momentum too, 0-dim); any mix of floating dtypes; target[i] must not overlap."""
-    groups = defaultdict(lambda: ([], [], []))  # (target, online dtype) -> work lists, write-backs
+    groups = {}  # (target, online dtype) -> (targets, onlines, write-backs)
     for t, o in zip(target, online):
-        if t.numel() == 0:
-            continue
-        work, o = _dense_pair(t, o)
-        targets, onlines, write_backs = groups[(t.dtype, o.dtype)]
-        targets.append(work)
-        onlines.append(o)
+        work = t
+        if not (t.is_contiguous() and o.is_contiguous()):  # the common case, checked in C++
+            work, o = _dense_pair(t, o)
+        group = groups.get((t.dtype, o.dtype))
+        if group is None:
+            group = groups[(t.dtype, o.dtype)] = ([], [], [])
+        group[0].append(work)
+        group[1].append(o)
         if work is not t:
-            write_backs.append((t, work))
+            group[2].append((t, work))
     for targets, onlines, write_backs in groups.values():
         kernels = _kernels(targets[0], onlines[0])
         if kernels is None:
@@ -115,9 +117,16 @@ def _(target, online, momentum):
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
-def _named_pairs(target, online, buffers: bool):
-    """-> (updated, copied): lists of (target name, target, online name, online) to update, and
-    the integer buffers to copy. Raises naming the first mismatch."""
+def _name(side: str, label: tuple) -> str:
+    """How errors name one tensor: label is (None, index) for sequences, (kind, name) for
+    modules. Built only for an error: the checks run for every tensor of a model."""
+    kind, key = label
+    return f"{side}[{key}]" if kind is None else f"{side} {kind} {key!r}"
+
+
+def _labelled_pairs(target, online, buffers: bool):
+    """-> (updated, copied): lists of (label, target, online) to update, and the integer buffers
+    to copy. Raises naming the first mismatch of the structures."""
     if isinstance(target, nn.Module) and isinstance(online, nn.Module):
         updated, copied = [], []
         kinds = [("parameter", nn.Module.named_parameters)]
@@ -131,10 +140,8 @@ def _named_pairs(target, online, buffers: bool):
                 raise ValueError(f"target and online must have the same {kind}s, got {kind}s "
                                  f"only in target: {only_t}, only in online: {only_o}")
             for name, t in t_named.items():
-                o = o_named[name]
-                pair = (f"target {kind} {name!r}", t, f"online {kind} {name!r}", o)
                 copy = kind == "buffer" and not t.is_floating_point()
-                (copied if copy else updated).append(pair)
+                (copied if copy else updated).append(((kind, name), t, o_named[name]))
         return updated, copied
     if isinstance(target, nn.Module) or isinstance(online, nn.Module):
         raise TypeError(f"target and online must both be nn.Modules or both sequences of "
@@ -150,29 +157,27 @@ def _named_pairs(target, online, buffers: bool):
     if len(target) != len(online):
         raise ValueError(f"target and online must have as many tensors, got {len(target)} and "
                          f"{len(online)}")
-    return [(f"target[{i}]", t, f"online[{i}]", o)
-            for i, (t, o) in enumerate(zip(target, online))], []
+    return [((None, i), t, o) for i, (t, o) in enumerate(zip(target, online))], []
 
 
-def _check_pair(t_name: str, t, o_name: str, o, copy: bool) -> None:
-    for name, x in ((t_name, t), (o_name, o)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+def _check_pair(label: tuple, t, o, copy: bool) -> None:
+    if not (isinstance(t, Tensor) and isinstance(o, Tensor)):
+        side, x = ("target", t) if not isinstance(t, Tensor) else ("online", o)
+        raise TypeError(f"{_name(side, label)} must be a torch.Tensor, got {type(x).__name__}")
     if copy:  # an integer buffer: copied, so online must not hold fractions
         if o.is_floating_point() or o.is_complex():
-            raise TypeError(f"{o_name} must be an integer tensor like {t_name} ({t.dtype}), "
-                            f"got {o.dtype}")
-    else:
-        for name, x in ((t_name, t), (o_name, o)):
-            if x.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got "
-                                f"{x.dtype}")
+            raise TypeError(f"{_name('online', label)} must be an integer tensor like "
+                            f"{_name('target', label)} ({t.dtype}), got {o.dtype}")
+    elif t.dtype not in FLOAT_DTYPES or o.dtype not in FLOAT_DTYPES:
+        side, x = ("target", t) if t.dtype not in FLOAT_DTYPES else ("online", o)
+        raise TypeError(f"{_name(side, label)} must be float32, bfloat16, float16 or float64, "
+                        f"got {x.dtype}")
     if t.shape != o.shape:
-        raise ValueError(f"{t_name} and {o_name} must have the same shape, got "
-                         f"{tuple(t.shape)} and {tuple(o.shape)}")
+        raise ValueError(f"{_name('target', label)} and {_name('online', label)} must have the "
+                         f"same shape, got {tuple(t.shape)} and {tuple(o.shape)}")
     if t.device != o.device:
-        raise ValueError(f"{t_name} and {o_name} must be on the same device, got {t.device} and "
-                         f"{o.device}")
+        raise ValueError(f"{_name('target', label)} and {_name('online', label)} must be on the "
+                         f"same device, got {t.device} and {o.device}")
 
 
 def _check_momentum(momentum) -> None:
@@ -232,23 +237,22 @@ def momentum_update(target, online, momentum, *, buffers: bool = False) -> None:
     _check_momentum(momentum)
     if not isinstance(buffers, bool):
         raise TypeError(f"buffers must be a bool, got {type(buffers).__name__}")
-    updated, copied = _named_pairs(target, online, buffers)
-    for t_name, t, o_name, o in updated:
-        _check_pair(t_name, t, o_name, o, copy=False)
-    for t_name, t, o_name, o in copied:
-        _check_pair(t_name, t, o_name, o, copy=True)
-
-    by_device, first_target = defaultdict(lambda: ([], [])), {}
-    for t_name, t, _, o in updated:
-        first_target.setdefault(t.device, t_name)
-        by_device[t.device][0].append(t)
-        by_device[t.device][1].append(o)
-    momenta = {device: _momentum_on(momentum, device, first_target[device])
-               for device in by_device}
+    updated, copied = _labelled_pairs(target, online, buffers)
+    by_device, first_label = defaultdict(lambda: ([], [])), {}
+    for label, t, o in updated:
+        _check_pair(label, t, o, copy=False)
+        targets, onlines = by_device[t.device]
+        if not targets:
+            first_label[t.device] = label
+        targets.append(t)
+        onlines.append(o)
     copies = defaultdict(lambda: ([], []))
-    for _, t, _, o in copied:
+    for label, t, o in copied:
+        _check_pair(label, t, o, copy=True)
         copies[t.device][0].append(t)
         copies[t.device][1].append(o)
+    momenta = {device: _momentum_on(momentum, device, _name("target", first_label[device]))
+               for device in by_device}
     with torch.no_grad():
         for device, (targets, onlines) in by_device.items():
             _momentum_update_(targets, onlines, momenta[device])
