@@ -1,0 +1,157 @@
+"""CMC (Tian et al. 2019, contrastive multiview coding): two views of a crop, one encoder each, each
+view's embedding scored against the other view's memory bank, through fastcl.MemoryBank and the
+sampled-negative ops.
+
+Views of color images: the L channel and the ab channels of the crop in CIE Lab
+(fastcl.color.rgb_to_lab, each channel scaled to about [-1, 1]); an L encoder (1 input channel)
+and an ab encoder (2). Gray images have no ab: their two views are two independent crops of the
+intensity (the same crop and flip augmentation), one encoder each, which keeps CMC's two-encoder,
+two-bank form.
+
+With f_1 = n(fc_1(enc_1(view_1))), f_2 likewise, and rows (B, K + 1) = [own row, K uniform draws],
+the same for both views:
+
+    L = l(f_1 vs bank_2[rows]) + l(f_2 vs bank_1[rows])
+
+where l is InstDisc's NCE (loss="nce", a separate Z per view, estimated on the first batch and
+frozen: fastcl.InstDiscNCELoss) or the softmax cross-entropy over the K + 1 logits
+(loss="softmax", fastcl.sampled_info_nce). Both banks are updated after the step with momentum
+0.5 from that step's embeddings. CMC's code draws K = 16384 negatives (its README says 4096);
+the default here is 4096.
+
+Evaluation (``method.backbone``): images normalized with the data's statistics -> the two
+encoders' features concatenated (B, 2 d), as CMC's linear evaluation of L + ab. Each encoder has
+the width given to the trainer (CMC halves the width per view: pass --width 0.5 for that).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastcl
+from fastcl.augment import Recipe
+from fastcl.color import normalized_lab
+from fastcl.methods.base import Method
+from fastcl.methods.instdisc import bank_recipe, check_bank_setup, check_indices
+
+
+def with_in_channels(backbone: nn.Module, in_channels: int) -> nn.Module:
+    """A copy of backbone whose first convolution (the ResNet stem, the ViT patch embedding) takes
+    `in_channels` channels (a freshly initialized convolution when the count changes)."""
+    encoder = copy.deepcopy(backbone)
+    name, conv = next((n, m) for n, m in encoder.named_modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels != in_channels:
+        parent_name, _, attr = name.rpartition(".")
+        parent = encoder.get_submodule(parent_name) if parent_name else encoder
+        setattr(parent, attr, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size,
+                                        conv.stride, conv.padding, bias=conv.bias is not None))
+    return encoder
+
+
+class SplitEncoders(nn.Module):
+    """CMC's evaluation encoder: images (B, C, H, W), normalized with the data's mean and std ->
+    [enc_1(view_1), enc_2(view_2)] concatenated, (B, 2 d). Color: views L and ab of the image;
+    gray: both encoders see the image."""
+
+    def __init__(self, first: nn.Module, second: nn.Module, mean: Sequence[float],
+                 std: Sequence[float]):
+        super().__init__()
+        self.first, self.second = first, second
+        self.color = len(mean) == 3
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+        self.out_dim = 2 * first.out_dim
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalized images (B, C, H, W) -> (L (B, 1, H, W), ab (B, 2, H, W)), each about in
+        [-1, 1]; gray images -> (x, x)."""
+        if not self.color:
+            return x, x
+        lab = normalized_lab(x.float() * self.std + self.mean).to(x.dtype)
+        return lab[:, :1], lab[:, 1:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.split(x)
+        return torch.cat([self.first(a), self.second(b)], dim=1)
+
+
+class CMC(Method):
+    """CMC: L and ab views, one encoder and one memory bank each (NCE or softmax)."""
+
+    name = "cmc"
+    batch_extras = ("indices",)
+    HPARAMS = {
+        "temperature": (0.07, "temperature tau of the bank logits"),
+        "feat_dim": (128, "embedding and bank-row dimension"),
+        "num_negatives": (4096, "bank rows K drawn per anchor (16384 in CMC's code)"),
+        "loss": ("nce", "nce (InstDisc's NCE, one frozen Z per view) or softmax "
+                        "(cross-entropy over the K + 1 logits)"),
+        "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
+                            "crops at least 6 px wide)"),
+    }
+    # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
+    # backbone and 15 epochs; CMC's SGD (lr 0.03, 240 epochs) needs far longer runs.
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
+                    warmup_epochs=1, width=0.5)
+
+    def __init__(self, backbone, **kw):
+        super().__init__(backbone, **kw)
+        hp = self.hparams
+        check_bank_setup(self, hp["loss"])
+        mean, std = self.recipes[0].mean, self.recipes[0].std
+        if len(mean) == 3:
+            first, second = with_in_channels(backbone, 1), with_in_channels(backbone, 2)
+        else:
+            first, second = backbone, with_in_channels(backbone, len(mean))
+        self.backbone = SplitEncoders(first, second, mean, std)
+        d = first.out_dim
+        self.heads = nn.ModuleList([nn.Linear(d, hp["feat_dim"]), nn.Linear(d, hp["feat_dim"])])
+        self.memories = nn.ModuleList([
+            fastcl.MemoryBank(self.num_items, hp["feat_dim"], momentum=hp["bank_momentum"])
+            for _ in range(2)])
+        self.nce = (nn.ModuleList([fastcl.InstDiscNCELoss(self.num_items, hp["temperature"])
+                                   for _ in range(2)]) if hp["loss"] == "nce" else None)
+        self._pending_update: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def view_recipes(self, image_size: int) -> list[Recipe]:
+        return [bank_recipe(image_size, self.hparams["min_scale"], color=False)]
+
+    def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
+        """[crop(s) (B, C, s, s): one for color images (split into L and ab), two for gray,
+        negatives (B, K) int64 bank rows drawn from g]."""
+        crops = [self.recipes[0](images, g) for _ in range(1 if self.backbone.color else 2)]
+        shape = (images.shape[0], self.hparams["num_negatives"])
+        return crops + [torch.randint(0, self.num_items, shape, generator=g, device=images.device)]
+
+    def _score(self, i: int, f: Tensor, rows: Tensor) -> Tensor:
+        """View i's embeddings f (B, feat_dim) against the other view's bank."""
+        bank = self.memories[1 - i].tensor
+        if self.nce is not None:
+            return self.nce[i](f, bank, rows)
+        return fastcl.sampled_info_nce(f, bank, rows, self.hparams["temperature"])
+
+    def forward(self, views: list[Tensor], *, epoch: int = 0,
+                indices: Optional[Tensor] = None) -> Tensor:
+        *crops, negatives = views
+        indices = check_indices(self, indices, crops[0].shape[0])
+        inputs = self.backbone.split(crops[0]) if self.backbone.color else crops
+        encoders = (self.backbone.first, self.backbone.second)
+        f = [F.normalize(head(enc(x)).float(), dim=1)
+             for head, enc, x in zip(self.heads, encoders, inputs)]
+        rows = torch.cat([indices[:, None], negatives], dim=1)  # (B, K + 1), column 0 positive
+        loss = self._score(0, f[0], rows) + self._score(1, f[1], rows)
+        if self.training:
+            self._pending_update = (indices, f[0].detach(), f[1].detach())
+        return loss
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self._pending_update is not None:
+            indices, f1, f2 = self._pending_update
+            self.memories[0].update(indices, f1, gather=self.gather)
+            self.memories[1].update(indices, f2, gather=self.gather)
+            self._pending_update = None

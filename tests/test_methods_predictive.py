@@ -1,0 +1,213 @@
+"""InvaSpread and CPC v2: InvaSpread's loss against its formula (values and anchor-side gradients),
+CPC's patch grid, masked context and loss against the dense formula, a few training steps, and
+bad inputs."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from fastcl.losses.invaspread import InvaSpreadLoss, invaspread, invaspread_ref
+from fastcl.methods import get_method
+from fastcl.methods.cpc import ContextNetwork, patch_geometry, to_patches
+from fastcl.models import build_backbone
+
+
+def _method(name, channels=1, **hparams):
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", in_channels=channels, image_size=8, width=0.125)
+    return get_method(name)(backbone, image_size=8, mean=[0.3] * channels,
+                            std=[0.4] * channels, **hparams)
+
+
+def _images(n=16, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Smooth random images (a blurred, upsampled 4x4 grid): structure a patch can predict.
+    coarse = torch.rand(n, channels, 4, 4, generator=g)
+    images = F.interpolate(coarse, size=8, mode="bilinear", align_corners=False)
+    return (images * 255).to(torch.uint8), g
+
+
+def _fit(method, steps=8, channels=1):
+    images, g = _images(channels=channels)
+    views = method.augment(images, g)
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(steps):
+        loss = method(views, epoch=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(step, steps)
+        losses.append(loss.item())
+    return losses
+
+
+def _decreasing(losses):
+    assert all(np.isfinite(losses)), losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+# ---------------------------------------------------------------------------------------------
+# InvaSpread loss
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, d", [(2, 3), (5, 7), (33, 16)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_invaspread_matches_formula_float64(n, d, normalize):
+    g = torch.Generator().manual_seed(n)
+    scale = 0.3 if normalize else 0.05  # raw rows: keep exp(s) away from overflow
+    z1 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    z2 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    temperature = 0.25  # exact in float32, the scale's dtype
+    for reduction in ("mean", "sum", "none"):
+        got = invaspread(z1, z2, temperature, normalize=normalize, reduction=reduction)
+        want = invaspread_ref(z1, z2, temperature, normalize=normalize, reduction=reduction)
+        torch.testing.assert_close(got, want)
+    upstream = torch.randn(2 * n, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((invaspread(z1, z2, temperature, normalize=normalize,
+                                          reduction="none") * upstream).sum(), (z1, z2))
+    want = torch.autograd.grad((invaspread_ref(z1, z2, temperature, normalize=normalize,
+                                               reduction="none") * upstream).sum(), (z1, z2))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_invaspread_gradient_flows_through_the_anchor_side_only():
+    """Anchor a's loss changes f_a's gradient only: the other rows are constants."""
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    per_anchor = invaspread(z1, z2, reduction="none")
+    grad1, grad2 = torch.autograd.grad(per_anchor[1], (z1, z2))
+    assert grad1[1].abs().sum() > 0
+    assert grad1[[0, 2, 3]].abs().sum() == 0 and grad2.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2),
+                                        (torch.float16, 1e-2)])
+def test_invaspread_low_precision(dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(2, 19, 32, generator=g)
+    z1, z2 = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+    got = invaspread(z1, z2, 0.1)
+    want = invaspread_ref(z1.double(), z2.double(), 0.1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    got.backward()
+    assert z1.grad.dtype == dtype and torch.isfinite(z1.grad.float()).all()
+
+
+def test_invaspread_errors():
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="N >= 2"):
+        invaspread(z[:1], z[:1])
+    with pytest.raises(ValueError, match="same shape"):
+        invaspread(z, z[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        invaspread(z, z, reduction="avg")
+    with pytest.raises(ValueError, match="temperature"):
+        InvaSpreadLoss(0.0)
+    with pytest.raises(TypeError, match="z2"):
+        invaspread(z, z.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# InvaSpread method
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["invaspread", "nt_xent"])
+def test_invaspread_method_loss_is_the_formula(loss):
+    method = _method("invaspread", loss=loss)
+    images, g = _images(8)
+    views = method.augment(images, g)
+    z1, z2 = (method.head(method.backbone(v)).double() for v in views)
+    want = (invaspread_ref(z1, z2, 0.1) if loss == "invaspread"
+            else fastcl.nt_xent_ref(z1, z2, 0.1))
+    torch.testing.assert_close(method(views).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["invaspread", "nt_xent"])
+def test_invaspread_method_trains(loss):
+    _decreasing(_fit(_method("invaspread", loss=loss)))
+
+
+def test_invaspread_method_errors():
+    with pytest.raises(ValueError, match="loss"):
+        _method("invaspread", loss="spread")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPC v2
+# ---------------------------------------------------------------------------------------------
+def test_patch_grid():
+    assert patch_geometry(8, 3) == (4, 2)
+    assert patch_geometry(256, 7) == (64, 32)  # CPC's 7 x 7 patches of 64 px at 256 px
+    assert patch_geometry(32, 7) == (8, 4)
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    patches = to_patches(x, 4, 2)
+    assert patches.shape == (2, 3, 3, 1, 4, 4)
+    torch.testing.assert_close(patches[1, 2, 1, 0], x[1, 0, 4:8, 2:6])
+    with pytest.raises(ValueError, match="grid"):
+        patch_geometry(8, 8)
+    with pytest.raises(ValueError, match="grid"):
+        patch_geometry(8, 1)
+
+
+def test_context_sees_rows_above_only():
+    torch.manual_seed(0)
+    context = ContextNetwork(6, layers=3)
+    z = torch.randn(2, 6, 5, 5)
+    changed = z.clone()
+    changed[:, :, 3:] = torch.randn(2, 6, 2, 5)  # rows 3 and 4 change
+    c, c_changed = context(z), context(changed)
+    torch.testing.assert_close(c[:, :, :3], c_changed[:, :, :3])
+    assert not torch.allclose(c[:, :, 3:], c_changed[:, :, 3:])
+
+
+def test_cpc_encoder_uses_layer_norm_and_pools_patches():
+    method = _method("cpc")
+    kinds = {type(m).__name__ for m in method.modules()}
+    assert "BatchNorm2d" not in kinds and "GroupNorm" in kinds
+    x = torch.randn(3, 1, 8, 8)
+    features = method.backbone(x)
+    assert features.shape == (3, method.backbone.out_dim)
+    z = method.backbone.encode_patches(to_patches(x, 4, 2))
+    torch.testing.assert_close(features, z.mean(dim=(2, 3)))
+    images, g = _images(4)
+    view, = method.augment(images, g)
+    assert view.shape == (4, 3, 3, 1, 4, 4)
+
+
+@pytest.mark.parametrize("directions", [1, 4])
+def test_cpc_loss_is_the_formula(directions):
+    method = _method("cpc", directions=directions)
+    images, g = _images(6)
+    view, = method.augment(images, g)
+    got = method([view])
+    z = method.backbone.encode_patches(view).double()
+    predictors = method.predictors.double()
+    want = []
+    for r in range(directions):
+        zr = torch.rot90(z, r, dims=(2, 3))
+        c = method.context.double()(zr)
+        for k in (1, 2):
+            pred = torch.einsum("bdij,de->bije", c[:, :, :-k], predictors[r, k - 1])
+            target = zr[:, :, k:].permute(0, 2, 3, 1)
+            logits = pred.reshape(-1, pred.shape[-1]) @ target.reshape(-1, target.shape[-1]).T
+            want.append(F.cross_entropy(logits, torch.arange(logits.shape[0])))
+    torch.testing.assert_close(got.double(), torch.stack(want).mean(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cpc_trains(channels):
+    _decreasing(_fit(_method("cpc", channels=channels), channels=channels))
+
+
+def test_cpc_errors():
+    with pytest.raises(ValueError, match="steps"):
+        _method("cpc", steps=3)
+    with pytest.raises(ValueError, match="directions"):
+        _method("cpc", directions=2)
+    with pytest.raises(ValueError, match="grid"):
+        _method("cpc", grid=9)
+    with pytest.raises(ValueError, match="context_layers"):
+        _method("cpc", context_layers=0)
