@@ -34,6 +34,7 @@ using at::Tensor;
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetchRows = 8;  // rows ahead of the one being read
 constexpr int64_t kCacheLine = 64;
+constexpr int64_t kUpdateGrain = 1 << 16;  // bank_update: elements per thread at least
 
 template <typename T>
 inline float dot_row(const float* f, const T* row, int64_t d) {
@@ -150,7 +151,10 @@ void ring_enqueue(Tensor queue, Tensor pointer, Tensor count, const Tensor& keys
 template <typename T>
 void update_rows(T* bank, const int64_t* idx, const float* f, const bool* last, int64_t b,
                  int64_t d, float momentum) {
-  at::parallel_for(0, b, 16, [&](int64_t b0, int64_t b1) {
+  // A batch of a few hundred rows is microseconds of work: run it on one thread (waking the
+  // others costs more); parallel beyond about kUpdateGrain elements.
+  const int64_t grain = std::max<int64_t>(1, kUpdateGrain / std::max<int64_t>(d, 1));
+  at::parallel_for(0, b, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> mixed(d);
     for (int64_t i = b0; i < b1; ++i) {
       if (!last[i]) continue;  // a later position holds the same index and wins
