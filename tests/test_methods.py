@@ -43,8 +43,15 @@ def test_method_trains(name):
 
 def test_swav_views_and_frozen_prototypes():
     method = _method("swav", num_small_crops=3)
-    sizes = [r.size for r in method.recipes]
-    assert sizes == [8, 8, 4, 4, 4]
+    assert [r.size for r in method.recipes] == [8, 8]  # no multi-crop on images under 16 px
+    backbone = build_backbone("resnet18", in_channels=1, image_size=32, width=0.125)
+    large = get_method("swav")(backbone, image_size=32, mean=[0.3], std=[0.4], num_small_crops=3)
+    assert [r.size for r in large.recipes] == [32, 32, 14, 14, 14]
+    g = torch.Generator().manual_seed(0)
+    views = large.augment((torch.rand(8, 1, 32, 32, generator=g) * 255).to(torch.uint8), g)
+    loss = large(views, epoch=1)
+    loss.backward()
+    assert torch.isfinite(loss) and large.prototypes.weight.grad is not None
     before = method.prototypes.weight.detach().clone()
     _fit(method, steps=2, epoch=0)  # epoch 0: prototypes frozen (only re-normalized)
     torch.testing.assert_close(method.prototypes.weight, torch.nn.functional.normalize(before))

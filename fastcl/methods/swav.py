@@ -27,13 +27,15 @@ from fastcl.models import mlp
 class SwAV(Method):
     name = "swav"
     HPARAMS = {
-        "temperature": (0.1, "softmax temperature of the swapped prediction"),
+        "temperature": (0.2, "softmax temperature of the swapped prediction (0.1 on ImageNet; "
+                             "0.2 learns much faster in short runs on small data)"),
         "epsilon": (0.05, "Sinkhorn entropic regularization"),
         "sinkhorn_iterations": (3, "Sinkhorn-Knopp iterations"),
         "num_prototypes": (100, "number of prototypes K (3000 on ImageNet; fewer for small data)"),
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection dimension"),
-        "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet)"),
+        "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet); none on images "
+                               "under 16 px, whose small crops would be under 7 px"),
         "min_scale": (0.14, "smallest area fraction of the large crops (raised to keep them "
                             "at least 6 px wide)"),
         "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05; both "
@@ -67,7 +69,8 @@ class SwAV(Method):
         low, high = crop_scale((min(0.05, hp["small_scale"]), hp["small_scale"]), image_size, 4)
         small = Recipe(max(4, round(image_size * 96 / 224)), scale=(low, max(high, 2 * low)),
                        **jitter)
-        return [large, large] + [small] * hp["num_small_crops"]
+        num_small = hp["num_small_crops"] if image_size >= 16 else 0
+        return [large, large] + [small] * num_small
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         hp = self.hparams
