@@ -37,7 +37,8 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     run.add_argument("--data", metavar="PATH",
                      help="ImageFolder folder (train/, val/), CIFAR python batches folder or "
                           ".npz (x_train, y_train, x_test, y_test); default: the embedded "
-                          "scikit-learn digits")
+                          "scikit-learn digits; digits-shift: the same digits moved, rescaled "
+                          "and coloured (16 px RGB)")
     run.add_argument("--epochs", type=int, help=f"default {d.get('epochs')}")
     run.add_argument("--batch-size", type=int, help=f"per process; default {d.get('batch_size')}")
     run.add_argument("--lr", type=float, help=f"peak learning rate; default {d.get('lr')}")
@@ -60,7 +61,7 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     hp = p.add_argument_group(f"{method_cls.name} hyper-parameters")
     for name, (default, text) in method_cls.HPARAMS.items():
         hp.add_argument(f"--{name.replace('_', '-')}", dest=f"hp_{name}", type=type(default),
-                        default=default, help=f"{text} (default {default})")
+                        default=default, metavar=name.upper(), help=f"{text} (default {default})")
     return p
 
 
