@@ -5,7 +5,7 @@
 //
 // for one group of tensors: every target of one floating dtype, every online tensor of one
 // floating dtype (float32, bfloat16 or float16 each, in any combination), all on the CPU, each
-// pair with the same shape and strides and dense in memory (the Python side makes them so). The
+// pair with one shape and one dense memory layout (the Python side makes them so). The
 // online tensors are read in their dtype, the update is computed in float32, the targets written
 // in theirs: 12 bytes per parameter in float32, the minimum for an out-of-place EMA.
 //
@@ -209,10 +209,12 @@ void momentum_update_(const std::vector<Tensor>& targets, const std::vector<Tens
     TORCH_CHECK(t.scalar_type() == target_dtype && o.scalar_type() == online_dtype,
                 "tensor pair ", i, " has dtypes ", t.scalar_type(), ", ", o.scalar_type(),
                 ", not the group's ", target_dtype, ", ", online_dtype);
-    TORCH_CHECK(t.sizes() == o.sizes() && t.strides() == o.strides() &&
-                    t.is_non_overlapping_and_dense(),
-                "tensor pair ", i, " must have one shape and one dense layout, got shapes ",
-                t.sizes(), ", ", o.sizes(), " and strides ", t.strides(), ", ", o.strides());
+    // Contiguous tensors may differ in the strides of size-1 dims, which order no element.
+    const bool same_layout = (t.is_contiguous() && o.is_contiguous()) ||
+                             (t.strides() == o.strides() && t.is_non_overlapping_and_dense());
+    TORCH_CHECK(t.sizes() == o.sizes() && same_layout, "tensor pair ", i,
+                " must have one shape and one dense layout, got shapes ", t.sizes(), ", ",
+                o.sizes(), " and strides ", t.strides(), ", ", o.strides());
   }
   // The weights in double first, so that 1 - momentum is exact before rounding to float32
   // (1 - float(0.999) would be off by 1.3e-5 relative).

@@ -154,6 +154,8 @@ def test_layouts(backend):
         (base_t[2, 0].T, base_o[2, 0].T.clone()),  # target transposed only
         (base_t[3, :, ::2], base_o[3, :, ::2]),  # target with gaps
         (base_t[4, 0, 0, 0], base_o[4, 0, 0, 0]),  # 0-dim views at an offset
+        # both contiguous, strides differ in a size-1 dim: (1, 1) and (1, 4)
+        (base_t[5, 0, 0, :4].unsqueeze(1), base_o[5, 0, 0, :4].view(1, 4).T),
     ]
     target = [t for t, _ in cases]
     online = [o for _, o in cases]

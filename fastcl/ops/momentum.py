@@ -42,7 +42,7 @@ from fastcl._backend import kernels_for
 @torch.no_grad()
 def momentum_update_ref(target: list[Tensor], online: list[Tensor], momentum: Tensor) -> None:
     """target[i] <- momentum * target[i] + (1 - momentum) * online[i], in place, computed in
-    float32 (float64 when target[i] is float64) and rounded to target[i]'s dtype.
+    float32 (float64 when either tensor is float64) and rounded to target[i]'s dtype.
 
     target, online: lists of tensors of matching shapes; momentum: a 0-dim floating tensor.
     1 - momentum is computed in float64 before it is rounded, as the kernels do.
