@@ -13,9 +13,11 @@ the same for both views:
 
     L = l(f_1 vs bank_2[rows]) + l(f_2 vs bank_1[rows])
 
-where l is InstDisc's NCE (loss="nce", a separate Z per view, estimated on the first batch and
-frozen: fastcl.InstDiscNCELoss) or the softmax cross-entropy over the K + 1 logits
-(loss="softmax", fastcl.sampled_info_nce). Both banks are updated after the step with momentum
+where l is the softmax cross-entropy over the K + 1 logits (loss="softmax", CMC's --softmax:
+fastcl.sampled_info_nce) or InstDisc's NCE (loss="nce", the paper's and the code's default: a
+separate Z per view, estimated on the first batch and frozen: fastcl.InstDiscNCELoss). The default
+here is softmax: on a small data set the similarities soon outgrow the frozen Z and the NCE loss
+diverges (see InstDisc). Both banks are updated after the step with momentum
 0.5 from that step's embeddings. CMC's code draws K = 16384 negatives (its README says 4096);
 the default here is 4096.
 
@@ -85,11 +87,12 @@ class CMC(Method):
     name = "cmc"
     batch_extras = ("indices",)
     HPARAMS = {
-        "temperature": (0.07, "temperature tau of the bank logits"),
+        "temperature": (0.1, "temperature tau of the bank logits (CMC's code: 0.07 on ImageNet, "
+                             "0.1 on STL-10's small images)"),
         "feat_dim": (128, "embedding and bank-row dimension"),
         "num_negatives": (4096, "bank rows K drawn per anchor (16384 in CMC's code)"),
-        "loss": ("nce", "nce (InstDisc's NCE, one frozen Z per view) or softmax "
-                        "(cross-entropy over the K + 1 logits)"),
+        "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits, CMC's --softmax) or "
+                            "nce (the paper's: InstDisc's NCE, one frozen Z per view)"),
         "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
         "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
                             "crops at least 6 px wide)"),

@@ -135,8 +135,8 @@ class CPC(Method):
         "patch_min_scale": (0.6, "smallest crop area fraction of each patch"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
-    # backbone and 15 epochs; CPC v2's Adam schedule needs far longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128, epochs=15,
+    # backbone and 10 epochs; CPC v2's Adam schedule needs far longer runs.
+    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128, epochs=10,
                     warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
