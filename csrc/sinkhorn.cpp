@@ -41,6 +41,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -331,10 +332,23 @@ Tensor combine_chunks(const std::vector<float>& chunk_sum, int64_t chunks, int64
   return col_sum;
 }
 
-/// A fresh (B, K) float32 output, backed by huge pages where the OS allows.
+/// A (B, K) float32 output. SwAV computes codes every step and drops them before the next, and
+/// first-touch page faults on a fresh 49 MB buffer cost as much as the passes that fill it (and
+/// vary several-fold between runs), so the storage of the last codes is kept and handed out again
+/// once nothing else refers to it (as a GPU caching allocator would); a new one, backed by huge
+/// pages where the OS allows, is allocated otherwise. One buffer at most is kept.
 Tensor new_codes(const Tensor& scores) {
-  Tensor codes = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
+  static std::mutex mutex;
+  static c10::Storage kept;
+  const int64_t bytes = scores.numel() * static_cast<int64_t>(sizeof(float));
+  const auto options = scores.options().dtype(at::kFloat);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (kept && kept.use_count() == 1 && static_cast<int64_t>(kept.nbytes()) == bytes) {
+    return at::empty({0}, options).set_(kept, 0, scores.sizes(), {scores.size(1), 1});
+  }
+  Tensor codes = at::empty(scores.sizes(), options);
   fastcl::advise_huge_pages(codes.data_ptr(), codes.nbytes());
+  kept = codes.storage();
   return codes;
 }
 

@@ -140,6 +140,25 @@ def test_cpp_falls_back_to_exact_passes(monkeypatch, iterations):
     assert_codes(codes, sinkhorn_log_ref(scores.double(), 0.05, iterations), rtol=1e-3)
 
 
+def test_cpp_codes_buffer_is_reused_only_when_free():
+    """The C++ path hands the last codes' memory out again only once nothing refers to it: codes
+    (or a view of them) still held are never overwritten by a later call."""
+    first_scores, second_scores = similarities(127, 300), similarities(127, 300)
+    with cpu_backend("cpp"):
+        first = sinkhorn(first_scores)
+        view = sinkhorn(first_scores)[::2]  # only a view of the second result stays alive
+        expected_view = view.clone()
+        second = sinkhorn(second_scores)
+        assert first.data_ptr() != second.data_ptr() != view.data_ptr()
+        assert_codes(first, sinkhorn_ref(first_scores.double()), "held codes")
+        assert torch.equal(view, expected_view)
+        address = second.data_ptr()
+        del second
+        third = sinkhorn(second_scores)
+    assert third.data_ptr() == address  # recycled once free
+    assert_codes(third, sinkhorn_ref(second_scores.double()), "recycled codes")
+
+
 # --- inputs ------------------------------------------------------------------------------------
 def test_strided_scores(backend):
     """A transposed (column-major) view and a row-strided slice give the contiguous result."""
