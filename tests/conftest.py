@@ -1,5 +1,6 @@
 """Test set-up: Triton kernels run under the interpreter on machines without a GPU; that must be
 decided before triton is first imported."""
+import math
 import os
 import socket
 
@@ -69,3 +70,25 @@ def _rank_main(rank, world, port, worker, args, results):
         worker(rank, results, *args)
     finally:
         dist.destroy_process_group()
+
+
+def train_on_batch(method, views, steps, *, epoch=0, lr=3e-3, **extras):
+    """Adam on one fixed batch of augmented views, stepping the method as the trainer does
+    (after_backward, after_step); returns the losses."""
+    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = method(views, epoch=epoch, **extras)
+        opt.zero_grad()
+        loss.backward()
+        method.after_backward(epoch)
+        opt.step()
+        method.after_step(step, steps)
+        losses.append(loss.item())
+    return losses
+
+
+def assert_decreasing(losses):
+    """Finite losses whose last three average below their first three."""
+    assert all(math.isfinite(x) for x in losses), losses
+    assert sum(losses[-3:]) < sum(losses[:3]), losses

@@ -7,6 +7,7 @@ import torch
 
 from fastcl.methods import get_method
 from fastcl.models import build_backbone, mlp
+from conftest import train_on_batch
 
 
 def _method(name, **hparams):
@@ -19,17 +20,7 @@ def _fit(method, steps=6, epoch=0):
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
     views = method.augment(images, g)
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=epoch)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(epoch)
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
+    return train_on_batch(method, views, steps, epoch=epoch, lr=1e-2)
 
 
 @pytest.mark.parametrize("name", ["simclr", "swav", "mocov2", "byol"])

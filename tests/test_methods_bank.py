@@ -15,6 +15,7 @@ from fastcl.methods import get_method
 from fastcl.methods.cmc import with_in_channels
 from fastcl.models import build_backbone
 from fastcl.train import TrainConfig, train
+from conftest import train_on_batch, assert_decreasing
 
 NUM_ITEMS = 64
 
@@ -37,21 +38,8 @@ def _batch(n=16, channels=1, seed=0):
 def _fit(method, channels=1, steps=8):
     images, indices, g = _batch(channels=channels)
     views = method.augment(images, g)
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=0, indices=indices)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
+    return train_on_batch(method, views, steps, epoch=0, lr=3e-3, indices=indices)
 
-
-def _decreasing(losses):
-    assert all(np.isfinite(losses)), losses
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +118,7 @@ def test_instdisc_bank_update_after_step_and_same_draws():
 
 @pytest.mark.parametrize("loss", ["nce", "softmax"])
 def test_instdisc_trains(loss):
-    _decreasing(_fit(_method("instdisc", loss=loss)))
+    assert_decreasing(_fit(_method("instdisc", loss=loss)))
 
 
 def test_instdisc_errors():
@@ -204,7 +192,7 @@ def test_cmc_loss_is_the_formula(loss):
 
 @pytest.mark.parametrize("channels, loss", [(1, "nce"), (3, "softmax")])
 def test_cmc_trains(channels, loss):
-    _decreasing(_fit(_method("cmc", channels=channels, loss=loss), channels=channels))
+    assert_decreasing(_fit(_method("cmc", channels=channels, loss=loss), channels=channels))
 
 
 def test_with_in_channels_copies_and_swaps_the_first_convolution():

@@ -15,6 +15,7 @@ from fastcl.methods import get_method
 from fastcl.methods.mocov1 import shuffled_bn_forward
 from fastcl.models import build_backbone
 from fastcl.optim import build_optimizer, set_lr
+from conftest import train_on_batch
 
 
 def _method(name, backbone="resnet18", **hparams):
@@ -31,17 +32,7 @@ def _fit(method, steps=8, epoch=1, lr=1e-2):
     """Adam on one fixed batch of augmented views; returns the losses."""
     images, g = _images()
     views = method.augment(images, g)
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=epoch)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(epoch)
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
+    return train_on_batch(method, views, steps, epoch=epoch, lr=lr)
 
 
 def _float64(n, d, seed):

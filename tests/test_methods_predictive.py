@@ -11,6 +11,7 @@ from fastcl.losses.invaspread import InvaSpreadLoss, invaspread, invaspread_ref
 from fastcl.methods import get_method
 from fastcl.methods.cpc import ContextNetwork, patch_geometry, to_patches
 from fastcl.models import build_backbone
+from conftest import train_on_batch, assert_decreasing
 
 
 def _method(name, channels=1, **hparams):
@@ -31,21 +32,8 @@ def _images(n=16, channels=1, seed=0):
 def _fit(method, steps=8, channels=1):
     images, g = _images(channels=channels)
     views = method.augment(images, g)
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
+    return train_on_batch(method, views, steps, epoch=0, lr=3e-3)
 
-
-def _decreasing(losses):
-    assert all(np.isfinite(losses)), losses
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +115,7 @@ def test_invaspread_method_loss_is_the_formula(loss):
 
 @pytest.mark.parametrize("loss", ["invaspread", "nt_xent"])
 def test_invaspread_method_trains(loss):
-    _decreasing(_fit(_method("invaspread", loss=loss)))
+    assert_decreasing(_fit(_method("invaspread", loss=loss)))
 
 
 def test_invaspread_method_errors():
@@ -199,7 +187,7 @@ def test_cpc_loss_is_the_formula(directions):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cpc_trains(channels):
-    _decreasing(_fit(_method("cpc", channels=channels), channels=channels))
+    assert_decreasing(_fit(_method("cpc", channels=channels), channels=channels))
 
 
 def test_cpc_errors():

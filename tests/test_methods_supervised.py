@@ -13,6 +13,7 @@ from fastcl.losses.triplet import triplet_margin, triplet_margin_ref
 from fastcl.methods import get_method
 from fastcl.models import build_backbone
 from fastcl.train import TrainConfig, train
+from conftest import train_on_batch, assert_decreasing
 
 
 def _method(name, channels=1, **hparams):
@@ -32,21 +33,8 @@ def _fit(method, steps=8, **extras):
     images, labels, g = _batch()
     views = method.augment(images, g)
     extras = {k: v for k, v in dict(labels=labels, **extras).items() if k in method.batch_extras}
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=0, **extras)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
+    return train_on_batch(method, views, steps, epoch=0, lr=3e-3, **extras)
 
-
-def _decreasing(losses):
-    assert all(np.isfinite(losses)), losses
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +179,7 @@ def test_triplet_method_loss_is_the_formula():
 def test_supervised_methods_train(name, hparams):
     method = _method(name, **hparams)
     assert method.batch_extras == ("labels",)
-    _decreasing(_fit(method))
+    assert_decreasing(_fit(method))
 
 
 def test_supervised_method_errors():
