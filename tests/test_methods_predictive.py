@@ -1,7 +1,6 @@
 """InvaSpread and CPC v2: InvaSpread's loss against its formula (values and anchor-side gradients),
 CPC's patch grid, masked context and loss against the dense formula, a few training steps, and
 bad inputs."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
