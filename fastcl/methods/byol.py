@@ -36,7 +36,9 @@ class BYOL(Method):
         "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
                             "at least 6 px wide)"),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
+    # BYOL learns slowly at first (no negatives) but its steps are cheap (no queue, one loss per
+    # view pair): 90 epochs on the digits took 168 s on 2 idle cores, kNN 0.944 (15 epochs: 0.875).
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=90,
                     warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
