@@ -215,15 +215,23 @@ def _check_labels(labels, rows: int, features: Tensor) -> None:
     _checks.same_device(features=features, labels=labels)
 
 
-class NTXentLoss(nn.Module):
-    """Module form of :func:`nt_xent`: ``loss = NTXentLoss(0.5)(z1, z2)``."""
+class PairLoss(nn.Module):
+    """The options the two-view contrastive loss modules hold and check at construction:
+    temperature (float or 0-dim tensor), normalize, reduction and gather."""
 
-    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True,
+    def __init__(self, temperature: Temperature, *, normalize: bool = True,
                  reduction: str = "mean", gather: bool = False):
         super().__init__()
         _checks.positive_scalar("temperature", temperature)
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.gather = _checks.reduction(reduction), gather
+
+
+class NTXentLoss(PairLoss):
+    """Module form of :func:`nt_xent`: ``loss = NTXentLoss(0.5)(z1, z2)``."""
+
+    def __init__(self, temperature: Temperature = 0.5, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent(z1, z2, self.temperature, normalize=self.normalize,

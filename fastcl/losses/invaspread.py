@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_no_grad, world
-from fastcl.losses.contrastive import Temperature, _embed, _reduce, _row_dot
+from fastcl.losses.contrastive import PairLoss, Temperature, _embed, _reduce, _row_dot
 from fastcl.ops.contrastive import cross_lse
 
 
@@ -67,15 +67,11 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     return _reduce(-(log_p + spread), reduction)
 
 
-class InvaSpreadLoss(nn.Module):
+class InvaSpreadLoss(PairLoss):
     """Module form of :func:`invaspread`: ``loss = InvaSpreadLoss(0.1)(z1, z2)``."""
 
-    def __init__(self, temperature: Temperature = 0.1, *, normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.1, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return invaspread(z1, z2, self.temperature, normalize=self.normalize,

@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastcl import _checks
-from fastcl.losses.contrastive import Temperature, _embed, _reduce, _row_dot, nt_xent
+from fastcl.losses.contrastive import PairLoss, Temperature, _embed, _reduce, _row_dot, nt_xent
 from fastcl.ops.contrastive import bank_lse
 
 
@@ -51,15 +51,11 @@ def nt_xent_memory(z1: Tensor, z2: Tensor, memory: Optional[Tensor],
     return _reduce(losses, reduction)
 
 
-class NTXentMemoryLoss(nn.Module):
+class NTXentMemoryLoss(PairLoss):
     """Module form of :func:`nt_xent_memory`: ``loss = NTXentMemoryLoss(0.5)(z1, z2, memory)``."""
 
-    def __init__(self, temperature: Temperature = 0.5, *, normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.5, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
 
     def forward(self, z1: Tensor, z2: Tensor, memory: Optional[Tensor] = None) -> Tensor:
         return nt_xent_memory(z1, z2, memory, self.temperature, normalize=self.normalize,
