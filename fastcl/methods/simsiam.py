@@ -30,7 +30,8 @@ class SimSiam(Method):
         "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep crops "
                            "at least 6 px wide)"),
     }
-    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=12,
+    # 60 epochs on the digits: kNN 0.947 in 101 s of training on 2 idle cores (12 epochs: 0.827).
+    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=60,
                     warmup_epochs=0, width=0.5)
 
     def __init__(self, backbone, **kw):
