@@ -48,6 +48,12 @@ def cpu_backend_name() -> str:
     return _state["cpu"]
 
 
+def accumulation_dtype(x) -> torch.dtype:
+    """Accumulation/output dtype of the ops: float32, or float64 for float64 inputs (which run
+    the reference)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def kernels_for(x, family: str, triton_fits: bool = True):
     """The module with `family`'s fast kernels for tensor x, or None to run the reference:
     the C++ extension (or the chosen CPU backend) on CPU, Triton on CUDA when the shape fits

@@ -73,6 +73,15 @@ def positive_scalar(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+def unit_interval(name: str, value) -> float:
+    """A float in [0, 1] (momenta), returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
 def inverse_temperature(temperature, device: torch.device) -> Tensor:
     """scale = 1 / temperature as a 0-dim float32 tensor on `device`, differentiable in temperature."""
     positive_scalar("temperature", temperature)

@@ -158,14 +158,6 @@ def _check_temperature(temperature) -> float:
     return float(temperature)
 
 
-def _check_momentum(momentum) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    return float(momentum)
-
-
 class MemoryBank(nn.Module):
     """InstDisc's memory bank (and each of CMC's two): one `dim`-row per training item.
 
@@ -178,7 +170,7 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.num_items = _check_count("num_items", num_items)
         self.dim = _check_count("dim", dim)
-        self.momentum = _check_momentum(momentum)
+        self.momentum = _checks.unit_interval("momentum", momentum)
         self.register_buffer("memory",
                              _random_unit_rows(num_items, dim, _check_dtype(dtype), device))
 

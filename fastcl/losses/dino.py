@@ -122,8 +122,7 @@ class DINOLoss(nn.Module):
                                        or num_epochs < warmup_teacher_temp_epochs):
             raise ValueError(f"num_epochs must be an integer >= warmup_teacher_temp_epochs = "
                              f"{warmup_teacher_temp_epochs}, got {num_epochs!r}")
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        _checks.unit_interval("center_momentum", center_momentum)
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.num_epochs, self.center_momentum = num_epochs, center_momentum
         # The warm-up part of the official schedule; later epochs use teacher_temp.

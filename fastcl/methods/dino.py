@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
+from fastcl import _checks
 from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import DINOLoss
 from fastcl.methods.base import Method
@@ -87,8 +88,7 @@ class DINO(Method):
         for name in ("num_local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs"):
             if not (isinstance(hp[name], int) and hp[name] >= 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {hp[name]!r}")
-        if not 0.0 <= hp["teacher_momentum"] <= 1.0:
-            raise ValueError(f"teacher_momentum must be in [0, 1], got {hp['teacher_momentum']}")
+        _checks.unit_interval("teacher_momentum", hp["teacher_momentum"])
         if not hp["clip_grad"] >= 0:
             raise ValueError(f"clip_grad must be >= 0, got {hp['clip_grad']}")
         self.head = DINOHead(backbone.out_dim, hp["out_dim"], hp["head_hidden"],

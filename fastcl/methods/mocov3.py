@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import fastcl
+from fastcl import _checks
 from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import InfoNCELoss
 from fastcl.methods.base import Method
@@ -57,8 +58,7 @@ class MoCoV3(Method):
         if hp["proj_layers"] not in (0, 2, 3):
             raise ValueError(f"proj_layers must be 0 (by backbone), 2 or 3, got "
                              f"{hp['proj_layers']!r}")
-        if not 0.0 <= hp["momentum"] <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {hp['momentum']}")
+        _checks.unit_interval("momentum", hp["momentum"])
         vit = isinstance(backbone, ViT)
         layers = hp["proj_layers"] or (3 if vit else 2)
         hidden, dim = hp["proj_hidden"], hp["proj_dim"]

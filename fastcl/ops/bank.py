@@ -39,18 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl._backend import kernels_for
+from fastcl._backend import accumulation_dtype, kernels_for
 
 # The Triton update and sampled-lse kernels keep a whole feature row in registers; wider rows run
 # the reference.
 TRITON_MAX_DIM = 1024
 # n(x) = x / max(||x||, NORM_EPS), as torch.nn.functional.normalize.
 NORM_EPS = 1e-12
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Accumulation/output dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _kernels(x: Tensor, dim: int):
@@ -82,14 +77,14 @@ def bank_update_ref(bank: Tensor, indices: Tensor, features: Tensor, momentum: f
     last occurrence of a duplicated index winning."""
     keep = last_occurrence(indices)
     rows, f = indices[keep], features[keep]
-    acc = _acc_dtype(bank)
+    acc = accumulation_dtype(bank)
     mixed = momentum * bank[rows].to(acc) + (1.0 - momentum) * f.to(acc)
     bank[rows] = F.normalize(mixed, dim=1, eps=NORM_EPS).to(bank.dtype)
 
 
 def sampled_logits_ref(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor) -> Tensor:
     """s (B, K + 1) = scale * <f_b, bank[indices_bj]>, through a materialized (B, K + 1, D)."""
-    acc = _acc_dtype(f)
+    acc = accumulation_dtype(f)
     rows = bank[indices].to(acc)  # (B, K + 1, D)
     return torch.einsum("bd,bkd->bk", f.to(acc), rows) * scale.to(acc)
 
@@ -107,7 +102,7 @@ def sampled_lse_backward_ref(f: Tensor, bank: Tensor, indices: Tensor, scale: Te
                              nce_shift: Tensor, lse: Tensor, grad_pos: Tensor,
                              grad_lse: Tensor, grad_nce: Tensor) -> Tensor:
     """d f (B, D) of sum(grad_pos * positive + grad_lse * lse + grad_nce * nce)."""
-    acc = _acc_dtype(f)
+    acc = accumulation_dtype(f)
     rows = bank[indices].to(acc)
     s = torch.einsum("bd,bkd->bk", f.to(acc), rows) * scale.to(acc)
     w = (grad_lse.to(acc)[:, None] * torch.exp(s - lse.to(acc)[:, None])
@@ -170,7 +165,7 @@ def sampled_lse(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor,
 
 @sampled_lse.register_fake
 def _(f, bank, indices, scale, nce_shift):
-    acc = _acc_dtype(f)
+    acc = accumulation_dtype(f)
     return tuple(f.new_empty(f.shape[0], dtype=acc) for _ in range(3))
 
 
@@ -190,7 +185,7 @@ def sampled_lse_backward(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor
 
 @sampled_lse_backward.register_fake
 def _(f, bank, indices, scale, nce_shift, lse, grad_pos, grad_lse, grad_nce):
-    return f.new_empty(f.shape, dtype=_acc_dtype(f))
+    return f.new_empty(f.shape, dtype=accumulation_dtype(f))
 
 
 def _sampled_lse_setup(ctx, inputs, output):

@@ -29,15 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._backend import kernels_for
+from fastcl._backend import accumulation_dtype, kernels_for
 
 # The Triton kernels keep a whole row of features in registers; wider rows use the reference.
 TRITON_MAX_DIM = 1024
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Accumulation/output dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +48,7 @@ def _pair_mask(m: int, n: int, diag_offset: Optional[int], device) -> Optional[T
 
 
 def _logits_ref(a: Tensor, b: Tensor, scale: Tensor, diag_offset: Optional[int]) -> Tensor:
-    acc = _acc_dtype(a)
+    acc = accumulation_dtype(a)
     s = (a.to(acc) @ b.to(acc).T) * scale.to(acc)
     mask = _pair_mask(a.shape[0], b.shape[0], diag_offset, a.device)
     return s if mask is None else s.masked_fill(mask, float("-inf"))
@@ -66,7 +61,7 @@ def gram_lse_ref(u: Tensor, scale: Tensor) -> Tensor:
 
 def gram_lse_backward_ref(u: Tensor, scale: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
     """du (M, D) = scale * W u with W_ij = g_i P_ij + g_j P_ji, P_ij = exp(s_ij - lse_i)."""
-    acc = _acc_dtype(u)
+    acc = accumulation_dtype(u)
     w = grad.to(acc)[:, None] * torch.exp(_logits_ref(u, u, scale, 0) - lse.to(acc)[:, None])
     return (w + w.T) @ u.to(acc) * scale.to(acc)
 
@@ -85,7 +80,7 @@ def cross_lse_backward_ref(
     row_lse: Tensor, grad_row: Tensor, col_lse: Tensor, grad_col: Tensor, need_dk: bool,
 ) -> tuple[Tensor, Tensor]:
     """(dq (M, D), dk (N, D) or (0,)) with W_ij = gr_i exp(s_ij - lr_i) + gc_j exp(s_ij - lc_j)."""
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     s = _logits_ref(q, k, scale, diag_offset)
     w = grad_row.to(acc)[:, None] * torch.exp(s - row_lse.to(acc)[:, None])
     if col_lse.numel():
@@ -125,7 +120,7 @@ def gram_lse(u: Tensor, scale: Tensor) -> Tensor:
 
 @gram_lse.register_fake
 def _(u, scale):
-    return u.new_empty(u.shape[0], dtype=_acc_dtype(u))
+    return u.new_empty(u.shape[0], dtype=accumulation_dtype(u))
 
 
 @torch.library.custom_op("fastcl::gram_lse_backward", mutates_args=())
@@ -139,7 +134,7 @@ def gram_lse_backward(u: Tensor, scale: Tensor, lse: Tensor, grad: Tensor) -> Te
 
 @gram_lse_backward.register_fake
 def _(u, scale, lse, grad):
-    return u.new_empty(u.shape, dtype=_acc_dtype(u))
+    return u.new_empty(u.shape, dtype=accumulation_dtype(u))
 
 
 def _gram_lse_setup(ctx, inputs, output):
@@ -176,7 +171,7 @@ def cross_lse(
 
 @cross_lse.register_fake
 def _(q, k, scale, diag_offset, with_col):
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if with_col else 0, dtype=acc)
 
 
@@ -200,7 +195,7 @@ def cross_lse_backward(
 
 @cross_lse_backward.register_fake
 def _(q, k, scale, diag_offset, row_lse, grad_row, col_lse, grad_col, need_dk):
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     return q.new_empty(q.shape, dtype=acc), q.new_empty(k.shape if need_dk else (0,), dtype=acc)
 
 
@@ -242,7 +237,7 @@ def bank_lse(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
 
 @bank_lse.register_fake
 def _(q, bank, scale):
-    acc = _acc_dtype(q)
+    acc = accumulation_dtype(q)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape, dtype=acc)
 
 

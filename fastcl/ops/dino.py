@@ -33,12 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastcl._backend import kernels_for
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Accumulation/output dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from fastcl._backend import accumulation_dtype, kernels_for
 
 
 def num_pairs(s: int, t: int) -> int:
@@ -65,7 +60,7 @@ def dino_loss_fwd_ref(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K), center (K,), scales () ->
     (loss (), student_stats (2, S, B), teacher_stats (2, T, B))."""
-    acc = _acc_dtype(student)
+    acc = accumulation_dtype(student)
     x, u = student.to(acc), teacher.to(acc) - center.to(acc)
     student_scale, teacher_scale = student_scale.to(acc), teacher_scale.to(acc)
     s, t, b = x.shape[0], u.shape[0], x.shape[1]
@@ -82,7 +77,7 @@ def dino_loss_bwd_ref(
     student_stats: Tensor, teacher_stats: Tensor, grad: Tensor,
 ) -> Tensor:
     """d loss / d student (S, B, K) in the accumulation dtype, from the saved stats."""
-    acc = _acc_dtype(student)
+    acc = accumulation_dtype(student)
     x, u = student.to(acc), teacher.to(acc) - center.to(acc)
     student_scale = student_scale.to(acc)
     s, t, b = x.shape[0], u.shape[0], x.shape[1]
@@ -120,7 +115,7 @@ def dino_loss(
 
 @dino_loss.register_fake
 def _(student, teacher, center, student_scale, teacher_scale):
-    acc = _acc_dtype(student)
+    acc = accumulation_dtype(student)
     s, b, _ = student.shape
     return (student.new_empty((), dtype=acc), student.new_empty((2, s, b), dtype=acc),
             student.new_empty((2, teacher.shape[0], b), dtype=acc))

@@ -32,6 +32,7 @@ from numbers import Integral, Real
 import torch
 from torch import Tensor, nn
 
+from fastcl import _checks
 from fastcl._checks import FLOAT_DTYPES
 from fastcl._backend import kernels_for
 
@@ -192,8 +193,7 @@ def _check_momentum(momentum) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, Real):
         raise TypeError(f"momentum must be a float or a 0-dim tensor, got "
                         f"{type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:  # also false for NaN
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    _checks.unit_interval("momentum", momentum)
 
 
 def _momentum_on(momentum, device: torch.device, where: str) -> Tensor:

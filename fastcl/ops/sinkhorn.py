@@ -52,13 +52,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _checks
-from fastcl._backend import cpp_extension, kernels_for
+from fastcl._backend import accumulation_dtype, cpp_extension, kernels_for
 from fastcl.distributed import world
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """Compute/output dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +118,7 @@ def sinkhorn_log_ref(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
                      gather: bool = False) -> Tensor:
     """The same algorithm in log domain (see the module docstring): scores (B, K) -> codes (B, K)
     in float32 (float64 for float64 scores), finite for any finite scores. The op's fallback."""
-    x = scores.to(_acc_dtype(scores)) / epsilon
+    x = scores.to(accumulation_dtype(scores)) / epsilon
     log_u = -_all_ranks_lse(torch.logsumexp(x, dim=0), gather)
     for _ in range(iterations - 1):
         log_v = -torch.logsumexp(x + log_u, dim=1, keepdim=True)
@@ -198,7 +193,7 @@ def _sinkhorn(scores: Tensor, epsilon: float, iterations: int, gather: bool) -> 
 
 @_sinkhorn.register_fake
 def _(scores, epsilon, iterations, gather):
-    return scores.new_empty(scores.shape, dtype=_acc_dtype(scores))
+    return scores.new_empty(scores.shape, dtype=accumulation_dtype(scores))
 
 
 def _check_epsilon(epsilon) -> None:
