@@ -1,17 +1,23 @@
-"""Methods table: each method trained with its defaults, against a random-init encoder of the same
-architecture, on the embedded digits and on the harder digits-shift set.
+"""Methods table: every method trained with its defaults, against a random-init encoder of the
+same architecture, on the embedded digits and on the harder digits-shift set.
 
-    python benchmarks/methods.py --data digits digits-shift --methods simclr swav mocov2 byol \
-        --csv benchmarks/results/methods_cpu.csv
+    python benchmarks/methods.py --csv benchmarks/results/methods_cpu.csv       # all 15, both sets
+    python benchmarks/methods.py --methods simclr byol --data digits --csv out.csv
+    python benchmarks/methods.py --render benchmarks/results/methods_cpu.csv --readme README.md
 
-Prints a markdown table (kNN k = 200 and linear-probe top-1 on the test split, training images/s,
-wall seconds of the whole run including evaluation) and appends rows to --csv.
+A run trains each (data set, method) in turn, prints a row as it finishes and appends it to --csv;
+the CSV then holds the history of runs (two runs with disjoint --methods can share the machine's
+cores, one thread each). --render turns the newest row of each (data set, method) of a CSV into the
+markdown table (kNN k = 200 and linear-probe top-1 on the test split, the random-init encoder's,
+minutes of the whole run including evaluation, training images/s); with --readme it replaces the
+table between the README's "methods-table" markers.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +26,10 @@ import torch
 
 from fastcl import evaluate
 from fastcl.data import load_data
+from fastcl.methods import METHODS
 from fastcl.train import TrainConfig, build_method, train
+
+README_MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
 
 
 def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
@@ -35,17 +44,11 @@ def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
             evaluate.linear_probe_accuracy(feats[0], data.y_train, feats[1], data.y_test))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", nargs="+", default=["digits", "digits-shift"])
-    parser.add_argument("--methods", nargs="+", default=["simclr", "swav", "mocov2", "byol"])
-    parser.add_argument("--csv", type=Path)
-    args = parser.parse_args()
-
+def run(data_names: list[str], methods: list[str]) -> list[dict]:
     rows = []
-    for data_name in args.data:
+    for data_name in data_names:
         data = load_data(data_name)
-        for method in args.methods:
+        for method in methods:
             with tempfile.TemporaryDirectory() as out:
                 cfg = TrainConfig(method=method, out=out, progress=False).resolved()
                 rand_knn, rand_linear = random_init(cfg, data)
@@ -60,21 +63,64 @@ def main() -> None:
                 wall_s=round(wall, 1), threads=torch.get_num_threads(), torch=torch.__version__,
                 machine=platform.processor() or platform.machine()))
             print(rows[-1], flush=True)
+    return rows
 
-    print("\n| data | method | kNN top-1 | linear top-1 | random-init kNN / linear | images/s "
-          "| wall s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['data']} | {r['method']} | {r['knn_top1']:.3f} | {r['linear_top1']:.3f} | "
-              f"{r['random_knn_top1']:.3f} / {r['random_linear_top1']:.3f} | "
-              f"{r['images_per_s']:.0f} | {r['wall_s']:.0f} |")
-    if args.csv:
-        new = not args.csv.exists()
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+
+def markdown_table(rows: list[dict]) -> str:
+    """The newest row of each (data, method), data sets then methods in registry order."""
+    latest = {(r["data"], r["method"]): r for r in rows}
+    order = list(METHODS)
+    keys = sorted(latest, key=lambda k: ([r["data"] for r in rows].index(k[0]),
+                                         order.index(k[1]) if k[1] in order else len(order)))
+    lines = ["| data | method | epochs | kNN top-1 | linear top-1 | random-init kNN / linear "
+             "| gain (kNN) | minutes | images/s | threads |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key in keys:
+        r = latest[key]
+        knn, rand = float(r["knn_top1"]), float(r["random_knn_top1"])
+        lines.append(
+            f"| {r['data']} | {r['method']} | {r['epochs']} | {knn:.3f} | "
+            f"{float(r['linear_top1']):.3f} | {rand:.3f} / {float(r['random_linear_top1']):.3f} | "
+            f"{100 * (knn - rand):+.1f} | {float(r['wall_s']) / 60:.1f} | "
+            f"{float(r['images_per_s']):.0f} | {r['threads']} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Replaces the text between the README's methods-table markers by `table`."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {start} ... {end} markers")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{table}\n{end}", text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", default=["digits", "digits-shift"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--csv", type=Path, help="append the rows to this CSV")
+    parser.add_argument("--render", type=Path, help="print the table of this CSV; train nothing")
+    parser.add_argument("--readme", type=Path, help="write the table into this README")
+    args = parser.parse_args()
+
+    if args.render:
+        with open(args.render, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = run(args.data, args.methods)
+        if args.csv:
+            new = not args.csv.exists()
+            with open(args.csv, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new:
+                    writer.writeheader()
+                writer.writerows(rows)
+    table = markdown_table(rows)
+    print(table)
+    if args.readme:
+        write_readme(args.readme, table)
 
 
 if __name__ == "__main__":
