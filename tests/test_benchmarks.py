@@ -1,0 +1,52 @@
+"""benchmarks/methods.py: the methods table it renders from its CSV into the README."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+FIELDS = ["data", "method", "backbone", "epochs", "batch_size", "knn_top1", "linear_top1",
+          "random_knn_top1", "random_linear_top1", "images_per_s", "wall_s", "threads", "torch",
+          "machine"]
+
+
+def _row(data, method, knn, wall):
+    return dict(data=data, method=method, backbone="resnet18 x0.5", epochs=3, batch_size=8,
+                knn_top1=knn, linear_top1=0.5, random_knn_top1=0.25, random_linear_top1=0.3,
+                images_per_s=123.4, wall_s=wall, threads=1, torch="x", machine="y")
+
+
+def _render(tmp_path, rows, readme_text):
+    table = tmp_path / "methods.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_text)
+    return subprocess.run([sys.executable, str(SCRIPT), "--render", str(table), "--readme",
+                           str(readme)], capture_output=True, text=True), readme
+
+
+def test_render_writes_the_newest_row_of_each_run_between_the_markers(tmp_path):
+    rows = [_row("digits", "byol", 0.4, 60), _row("digits", "simclr", 0.6, 90),
+            _row("digits", "byol", 0.7, 120), _row("digits-shift", "simclr", 0.35, 30)]
+    done, readme = _render(tmp_path, rows, "intro\n<!-- methods-table:start -->\nold\n"
+                                           "<!-- methods-table:end -->\noutro\n")
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- methods-table:start -->\n| data |")
+    assert text.endswith("<!-- methods-table:end -->\noutro\n") and "old" not in text
+    lines = [line for line in text.splitlines() if line.startswith("| digits")]
+    # Registry order within a data set (simclr before byol), the newest byol row only.
+    assert [line.split(" | ")[1] for line in lines] == ["simclr", "byol", "simclr"]
+    assert lines[1].split(" | ")[3:5] == ["0.700", "0.500"] and "+45.0" in lines[1]
+    assert "| 2.0 | 123 | 1 |" in lines[1]  # minutes, images/s, threads
+
+
+def test_render_without_markers_is_an_error(tmp_path):
+    done, readme = _render(tmp_path, [_row("digits", "simclr", 0.6, 90)], "no table here\n")
+    assert done.returncode != 0 and "methods-table" in done.stderr
+    assert readme.read_text() == "no table here\n"
