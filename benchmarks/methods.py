@@ -37,7 +37,8 @@ def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
     mean, std = data.stats()
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, data.channels, data.image_size, mean, std,
-                          flip=data.mirror_invariant, num_items=len(data.x_train))
+                          flip=data.mirror_invariant, num_items=len(data.x_train),
+                          min_crop_side=data.min_crop_side)
     feats = [evaluate.extract_features(method.backbone, x, mean=mean, std=std)
              for x in (data.x_train, data.x_test)]
     return (evaluate.knn_accuracy(feats[0], data.y_train, feats[1], data.y_test),

@@ -103,11 +103,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std, *,
-                 flip: bool = True, gather: bool = False, num_items: int = 0) -> nn.Module:
+                 flip: bool = True, gather: bool = False, num_items: int = 0,
+                 min_crop_side: int = 6) -> nn.Module:
     backbone = build_backbone(cfg.backbone, in_channels=data_channels, image_size=image_size,
                               width=cfg.width)
     return get_method(cfg.method)(backbone, image_size=image_size, mean=mean, std=std,
                                   flip=flip, gather=gather, num_items=num_items,
+                                  min_crop_side=min_crop_side,
                                   **cfg.hparams)
 
 
@@ -254,7 +256,7 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, data.channels, data.image_size, mean, std,
                           flip=data.mirror_invariant, gather=size > 1,
-                          num_items=len(data.x_train)).to(device)
+                          num_items=len(data.x_train), min_crop_side=data.min_crop_side).to(device)
     if size > 1:
         _broadcast_state(method)
     optimizer = build_optimizer(cfg.optimizer, method, lr=cfg.lr,

@@ -245,3 +245,9 @@ def test_augmentation_is_not_the_bottleneck():
     net(torch.cat(views)).sum().backward()
     t_step = time.perf_counter() - t0
     assert t_aug < 0.5 * t_step, (t_aug, t_step)
+
+
+def test_digits_shift_crops_keep_the_digit():
+    """The trainer raises the methods' crops to the data's min_crop_side: 10 of the 16 px here,
+    since a digit spans down to 7 px (6 px crops of the digits' 8 px elsewhere)."""
+    assert load_data("digits-shift").min_crop_side == 10 and digits().min_crop_side == 6

@@ -115,3 +115,21 @@ def test_mlp_layers():
     kinds = [type(m).__name__ for m in head]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert head[0].bias is None and head[3].bias is None and head[4].weight is None
+
+
+@pytest.mark.parametrize("name", ["simclr", "swav", "mocov1", "mocov2", "mocov3", "byol",
+                                  "simclrv2", "simsiam", "instdisc", "invaspread", "cmc",
+                                  "supcon", "triplet"])
+def test_full_size_crops_keep_the_data_min_crop_side(name):
+    """Every full-size crop spans at least ImageData.min_crop_side pixels: the data set's, as
+    the trainer passes it (digits-shift: 10 of 16 px), else 6."""
+    from fastcl.data import ImageData
+    from fastcl.train import TrainConfig, build_method
+
+    cfg = TrainConfig(method=name).resolved()
+    for side in (6, 10):
+        method = build_method(cfg, 3, 16, [0.5] * 3, [0.2] * 3, num_items=32,
+                              min_crop_side=side)
+        full = [r for r in method.recipes if r.size == 16]
+        assert full and all(r.scale[0] >= (side / 16) ** 2 - 1e-9 for r in full)
+    assert ImageData.min_crop_side == 6

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcl.augment import Recipe
+from fastcl.augment import Recipe, crop_scale
 
 
 class Method(nn.Module):
@@ -33,7 +33,7 @@ class Method(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, image_size: int, mean: Sequence[float],
                  std: Sequence[float], flip: bool = True, gather: bool = False,
-                 num_items: int = 0, **hparams: Any):
+                 num_items: int = 0, min_crop_side: int = 6, **hparams: Any):
         super().__init__()
         unknown = set(hparams) - set(self.HPARAMS)
         if unknown:
@@ -46,6 +46,8 @@ class Method(nn.Module):
         self.gather = gather
         # Training images: the rows of a memory bank indexed by "indices" (0 when not known).
         self.num_items = num_items
+        # The smallest crop side in pixels that still shows the object (ImageData.min_crop_side).
+        self.min_crop_side = min_crop_side
         # flip=False for data whose meaning a mirror changes (ImageData.mirror_invariant).
         self.recipes = [replace(r, flip_p=r.flip_p if flip else 0.0).with_stats(mean, std)
                         for r in self.view_recipes(image_size)]
@@ -53,6 +55,11 @@ class Method(nn.Module):
     def view_recipes(self, image_size: int) -> list[Recipe]:
         """One Recipe per view, in the order forward expects the views."""
         raise NotImplementedError
+
+    def crop_range(self, scale: tuple[float, float]) -> tuple[float, float]:
+        """A recipe's crop area fractions (low, high), low raised so that crops span at least
+        min_crop_side pixels (the ImageNet ranges would cut an 8 px digit to 2 px)."""
+        return crop_scale(scale, self.image_size, self.min_crop_side)
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """images (B, C, H, W) uint8 on the device -> one augmented batch per recipe."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import mlp
@@ -33,8 +33,8 @@ class BYOL(Method):
                                  "value; 0.99 and lower learned slower on the digits)"),
         "proj_hidden": (512, "projector and predictor hidden width (4096 on ImageNet)"),
         "proj_dim": (128, "projection dimension (256 on ImageNet)"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
-                            "at least 6 px wide)"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # BYOL learns slowly at first (no negatives) but its steps are cheap (no queue, one loss per
     # view pair): 90 epochs on the digits took 168 s on 2 idle cores, kNN 0.944 (15 epochs: 0.875).
@@ -51,7 +51,7 @@ class BYOL(Method):
         self.target = momentum_copy(nn.Sequential(backbone, self.projector))
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
         common = dict(scale=scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
         return [Recipe(image_size, blur_p=1.0, solarize_p=0.0, **common),
                 Recipe(image_size, blur_p=0.1, solarize_p=0.2, **common)]

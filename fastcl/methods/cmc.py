@@ -94,8 +94,8 @@ class CMC(Method):
         "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits, CMC's --softmax) or "
                             "nce (the paper's: InstDisc's NCE, one frozen Z per view)"),
         "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
-                            "crops at least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 15 epochs; CMC's SGD (lr 0.03, 240 epochs) needs far longer runs.
@@ -122,7 +122,8 @@ class CMC(Method):
         self._pending_update: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        return [bank_recipe(image_size, self.hparams["min_scale"], color=False)]
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
+        return [bank_recipe(image_size, scale, color=False)]
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """[crop(s) (B, C, s, s): one for color images (split into L and ab), two for gray,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import fastcl
 from fastcl import evaluate
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.methods.base import Method
 
 LOSSES = ("nce", "softmax")
@@ -60,10 +60,9 @@ def check_indices(method: Method, indices: Optional[Tensor], batch: int) -> Tens
     return indices
 
 
-def bank_recipe(image_size: int, min_scale: float, color: bool) -> Recipe:
-    """InstDisc's and CMC's augmentation: crop (min_scale-1, raised to keep crops at least 6 px
-    wide) and flip; InstDisc adds color jitter 0.4 and grayscale p=0.2 (color=True)."""
-    scale = crop_scale((min_scale, 1.0), image_size, min_side=6)
+def bank_recipe(image_size: int, scale: tuple[float, float], color: bool) -> Recipe:
+    """InstDisc's and CMC's augmentation: crop (area fractions `scale`) and flip; InstDisc adds
+    color jitter 0.4 and grayscale p=0.2 (color=True)."""
     if color:
         return Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
                       gray_p=0.2, blur_p=0.0)
@@ -82,8 +81,8 @@ class InstDisc(Method):
         "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits) or nce (the paper: "
                             "NCE, Z frozen after the first batch)"),
         "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
-                            "crops at least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 12 epochs; InstDisc's SGD (lr 0.03, 200 epochs, steps at 120 and 160) needs
@@ -103,7 +102,8 @@ class InstDisc(Method):
         self._pending_update: Optional[tuple[Tensor, Tensor]] = None
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        return [bank_recipe(image_size, self.hparams["min_scale"], color=True)]
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
+        return [bank_recipe(image_size, scale, color=True)]
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """[view (B, C, s, s), negatives (B, K) int64 bank rows drawn from g]."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses.invaspread import InvaSpreadLoss
 from fastcl.methods.base import Method
 
@@ -34,8 +34,8 @@ class InvaSpread(Method):
         "temperature": (0.1, "temperature tau"),
         "feat_dim": (128, "embedding dimension"),
         "loss": ("invaspread", "invaspread (the paper's loss) or nt_xent (plain softmax form)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
-                            "crops at least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 10 epochs; the paper's SGD (lr 0.03, wd 5e-4, B 128) needs far longer runs.
@@ -53,8 +53,7 @@ class InvaSpread(Method):
                           else fastcl.NTXentLoss(hp["temperature"], gather=self.gather))
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=crop_scale((self.hparams["min_scale"], 1.0),
-                                                     image_size, min_side=6),
+        recipe = Recipe(image_size, scale=self.crop_range((self.hparams["min_scale"], 1.0)),
                         jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, blur_p=0.0)
         return [recipe, recipe]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.methods.mocov1 import MoCoV1, momentum_copy
 from fastcl.models import mlp
 
@@ -19,8 +19,8 @@ class MoCoV2(MoCoV1):
         **MoCoV1.HPARAMS,
         "temperature": (0.2, "InfoNCE temperature"),
         "mlp_hidden": (512, "hidden width of the MLP head (2048 on ImageNet)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep crops at "
-                           "least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # 30 epochs on the digits, as MoCo v1 (15 epochs: kNN 0.914, just 10 points over random init).
     DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=30,
@@ -34,7 +34,7 @@ class MoCoV2(MoCoV1):
         self.key_encoder = momentum_copy(nn.Sequential(backbone, self.head))
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
         recipe = Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
                         gray_p=0.2, blur_p=0.5)
         return [recipe, recipe]

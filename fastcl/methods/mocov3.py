@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import fastcl
 from fastcl import _checks
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses import InfoNCELoss
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
@@ -46,8 +46,8 @@ class MoCoV3(Method):
                            "0: by backbone"),
         "momentum": (0.99, "base momentum m0 of the cosine schedule to 1"),
         "freeze_patch_projection": (1, "ViT: 1 keeps the patch projection at its random init"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
-                            "at least 6 px wide)"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
                     warmup_epochs=1, width=0.5)
@@ -72,7 +72,7 @@ class MoCoV3(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         # BYOL's asymmetric augmentation, as MoCo v3 uses.
-        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
         common = dict(scale=scale, jitter=(0.4, 0.4, 0.2, 0.1),
                       jitter_p=0.8, gray_p=0.2)
         return [Recipe(image_size, blur_p=1.0, **common),

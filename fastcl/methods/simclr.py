@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses import NTXentLoss
 from fastcl.methods.base import Method
 from fastcl.models import mlp
@@ -20,8 +20,8 @@ class SimCLR(Method):
                              "fastest in short runs on small data)"),
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection (loss) dimension"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
-                            "at least 6 px wide)"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
                                  "ImageNet, 0.5 CIFAR)"),
     }
@@ -40,7 +40,7 @@ class SimCLR(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         s = self.hparams["jitter_strength"]
-        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
         recipe = Recipe(image_size, scale=scale,
                         jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
                         blur_p=0.5)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses.simclrv2 import NTXentMemoryLoss
 from fastcl.methods.base import Method
 from fastcl.methods.mocov1 import momentum_copy
@@ -34,8 +34,8 @@ class SimCLRv2(Method):
         "proj_dim": (128, "projection (loss) dimension"),
         "memory_size": (0, "momentum-network embeddings kept as extra negatives (0: none)"),
         "memory_momentum": (0.99, "EMA of the memory network (0.999 on ImageNet)"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised to keep crops "
-                            "at least 6 px wide)"),
+        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
                                  "ImageNet, 0.5 CIFAR)"),
     }
@@ -59,7 +59,7 @@ class SimCLRv2(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         s = self.hparams["jitter_strength"]
-        scale = crop_scale((self.hparams["min_scale"], 1.0), image_size, min_side=6)
+        scale = self.crop_range((self.hparams["min_scale"], 1.0))
         recipe = Recipe(image_size, scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
                         jitter_p=0.8, gray_p=0.2, blur_p=0.5)
         return [recipe, recipe]

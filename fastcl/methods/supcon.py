@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses import SupConLoss
 from fastcl.methods.base import Method
 from fastcl.models import mlp
@@ -33,8 +33,8 @@ class SupCon(Method):
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection (loss) dimension"),
         "base_temperature": (0.0, "0: the paper's loss; 0.07: SupContrast's code (x tau / 0.07)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
-                            "crops at least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 8 epochs; SupContrast's SGD (lr 0.5 at B 1024, 1000 epochs) needs far
@@ -54,8 +54,7 @@ class SupCon(Method):
                                     base_temperature=hp["base_temperature"] or None)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=crop_scale((self.hparams["min_scale"], 1.0),
-                                                     image_size, min_side=6),
+        recipe = Recipe(image_size, scale=self.crop_range((self.hparams["min_scale"], 1.0)),
                         jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)
         return [recipe, recipe]
 

@@ -36,8 +36,8 @@ class SwAV(Method):
         "proj_dim": (128, "projection dimension"),
         "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet); none on images "
                                "under 16 px, whose small crops would be under 7 px"),
-        "min_scale": (0.14, "smallest area fraction of the large crops (raised to keep them "
-                            "at least 6 px wide)"),
+        "min_scale": (0.14, "smallest area fraction of the large crops (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
         "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05; both "
                               "raised to keep them at least 4 px wide)"),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s)"),
@@ -63,7 +63,7 @@ class SwAV(Method):
         s = hp["jitter_strength"]
         jitter = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
                       blur_p=0.5)
-        large = Recipe(image_size, scale=crop_scale((hp["min_scale"], 1.0), image_size, 6),
+        large = Recipe(image_size, scale=self.crop_range((hp["min_scale"], 1.0)),
                        **jitter)
         # Small crops: 96 / 224 of the side, a small part of the image each.
         low, high = crop_scale((min(0.05, hp["small_scale"]), hp["small_scale"]), image_size, 4)

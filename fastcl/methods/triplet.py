@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses.triplet import TripletLoss
 from fastcl.methods.base import Method
 
@@ -37,8 +37,8 @@ class Triplet(Method):
         "mining": ("semi_hard", "semi_hard (FaceNet) or batch_hard (Hermans et al.)"),
         "distance": ("squared", "squared (FaceNet) or euclidean L2 distance, on unit embeddings"),
         "embed_dim": (128, "embedding dimension"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised to keep "
-                            "crops at least 6 px wide)"),
+        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
+                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 8 epochs; FaceNet's schedule needs far longer runs.
@@ -52,8 +52,7 @@ class Triplet(Method):
         self.criterion = TripletLoss(hp["margin"], mining=hp["mining"], distance=hp["distance"])
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=crop_scale((self.hparams["min_scale"], 1.0),
-                                                     image_size, min_side=6),
+        recipe = Recipe(image_size, scale=self.crop_range((self.hparams["min_scale"], 1.0)),
                         jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)
         return [recipe, recipe]
 
