@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
+from fastcl.augment import random_resized_crop
 from fastcl.losses.invaspread import InvaSpreadLoss, invaspread, invaspread_ref
 from fastcl.methods import get_method
 from fastcl.methods.cpc import ContextNetwork, patch_geometry, to_patches
@@ -157,11 +158,35 @@ def test_cpc_encoder_uses_layer_norm_and_pools_patches():
     x = torch.randn(3, 1, 8, 8)
     features = method.backbone(x)
     assert features.shape == (3, method.backbone.out_dim)
-    z = method.backbone.encode_patches(to_patches(x, 4, 2))
+    # 8 px images are upsampled to 16 px: a 3 x 3 grid of 8 px patches.
+    patches = method.backbone.patches(x)
+    assert patches.shape == (3, 3, 3, 1, 8, 8)
+    z = method.backbone.encode_patches(patches)
     torch.testing.assert_close(features, z.mean(dim=(2, 3)))
+    # Each patch feature is layer-normalized over its channels (no shared offset).
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(3, 3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(dim=1, unbiased=False), torch.ones(3, 3, 3), atol=1e-3,
+                               rtol=0)
     images, g = _images(4)
     view, = method.augment(images, g)
-    assert view.shape == (4, 3, 3, 1, 4, 4)
+    assert view.shape == (4, 3, 3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("side, channels", [(8, 1), (16, 3)])
+def test_cpc_evaluation_patches_are_trainings_without_randomness(side, channels):
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", in_channels=channels, image_size=side, width=0.125)
+    method = get_method("cpc")(backbone, image_size=side, mean=[0.3] * channels,
+                               std=[0.4] * channels)
+    assert method.backbone.side == 16 and method.recipes[0].size == 16
+    x = torch.rand(2, channels, side, side)
+    # augment's image step with a full, square, unflipped crop, cut as augment cuts it.
+    g = torch.Generator().manual_seed(0)
+    full = random_resized_crop(x, method.recipes[0].size, g, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                               flip_p=0.0)
+    want = to_patches(full, method.backbone.patch, method.backbone.stride)
+    torch.testing.assert_close(method.backbone.patches(x), want, atol=1e-5, rtol=1e-5)
+    assert method.recipes[1].size == method.backbone.patch == 8
 
 
 @pytest.mark.parametrize("directions", [1, 4])
@@ -195,6 +220,6 @@ def test_cpc_errors():
     with pytest.raises(ValueError, match="directions"):
         _method("cpc", directions=2)
     with pytest.raises(ValueError, match="grid"):
-        _method("cpc", grid=9)
+        _method("cpc", grid=16)  # 2 px patches at 16 px need side >= 17
     with pytest.raises(ValueError, match="context_layers"):
         _method("cpc", context_layers=0)

@@ -1,12 +1,17 @@
 """CPC v2 (van den Oord et al. 2018; Henaff et al. 2019): contrastive predictive coding over a grid
 of image patches, through fastcl.info_nce with normalize=False.
 
-Each image is cut into a ``grid`` x ``grid`` grid of overlapping patches (CPC: 7 x 7 patches of
-64 px with 32 px overlap at 256 px; scaled here to the image side s: patches of 2s / (grid + 1)
-px, half-overlapping, so 3 x 3 patches of s / 2 px by default, which fits 8 px images). The
-backbone encodes each patch to z (B, d, grid, grid), with LayerNorm in place of BatchNorm (v2:
-BatchNorm leaks information between the patches of an image): every BatchNorm2d of the backbone
-becomes a GroupNorm with one group, LayerNorm over (C, H, W).
+Images smaller than ``min_side`` (16) are first upsampled (bilinear) to it (not in CPC, whose
+patches are 64 px: cut from an 8 px digit, 4 px patches leave the ResNet's stages at 1 x 1 and it
+learns nothing). The image of side s is then cut into a ``grid`` x ``grid`` grid of overlapping
+patches (CPC: 7 x 7 patches of 64 px with 32 px overlap at 256 px; scaled here to s: patches of
+2s / (grid + 1) px, half-overlapping, so 3 x 3 patches of 8 px at 16 px). The backbone encodes
+each patch to z (B, d, grid, grid), with LayerNorm in place of BatchNorm (v2: BatchNorm leaks
+information between the patches of an image): every BatchNorm2d of the backbone becomes a
+GroupNorm with one group, LayerNorm over (C, H, W). z is the pooled output through a LayerNorm
+over its d channels without affine (not in CPC: the loss is blind to an offset shared by every
+z, which grew until all features had cosine similarity ~1 and the kNN fell below its random
+init).
 
 A masked context network (PixelCNN-like: each convolution sees the current row and those above,
 never below) gives c over the grid. For offsets k = 1..``steps`` the prediction W_k c_{i,j} of
@@ -23,8 +28,8 @@ Augmentation: a random crop (scale ``min_scale``-1) and flip of the image, then 
 augmentations (v2): a random crop of each patch (``patch_min_scale``-1), color jitter and
 grayscale ("color dropping").
 
-Evaluation (``method.backbone``): images -> the patch grid -> patch features averaged over the
-grid, (B, d) (CPC v2 trains a ResNet on the (d, grid, grid) features; the mean keeps the
+Evaluation (``method.backbone``): images -> the same upsampling and patch grid, without the
+random parts -> patch features averaged over the grid, (B, d) (CPC v2 trains a ResNet on the (d, grid, grid) features; the mean keeps the
 trainer's linear probe and kNN).
 """
 from __future__ import annotations
@@ -67,23 +72,37 @@ def to_patches(x: Tensor, patch: int, stride: int) -> Tensor:
     return tiles.permute(0, 2, 3, 1, 4, 5).contiguous()
 
 
-class PatchGridEncoder(nn.Module):
-    """The patch encoder as an image encoder: (B, C, H, W) -> per-patch features (B, d, G, G)
-    with ``grid_features``, or their mean over the grid (B, d) with forward (evaluation)."""
+def upsample(x: Tensor, side: int) -> Tensor:
+    """(B, C, H, W) -> (B, C, side, side), bilinear (the identity at the image's own side)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
 
-    def __init__(self, encoder: nn.Module, patch: int, stride: int):
+
+class PatchGridEncoder(nn.Module):
+    """The patch encoder as an image encoder: images (B, C, H, W) are resized to side x side and
+    cut into the patch grid; ``encode_patches`` gives the per-patch features (B, d, G, G),
+    forward their mean over the grid (B, d) (evaluation)."""
+
+    def __init__(self, encoder: nn.Module, side: int, patch: int, stride: int):
         super().__init__()
-        self.encoder, self.patch, self.stride = encoder, patch, stride
+        self.encoder, self.side, self.patch, self.stride = encoder, side, patch, stride
         self.out_dim = encoder.out_dim
+        self.norm = nn.LayerNorm(self.out_dim, elementwise_affine=False)
+
+    def patches(self, x: Tensor) -> Tensor:
+        """images (B, C, H, W) -> the patch grid (B, G, G, C, patch, patch) of training's
+        geometry (the same resize and cut as ``CPC.augment`` without its random parts)."""
+        return to_patches(upsample(x, self.side), self.patch, self.stride)
 
     def encode_patches(self, patches: Tensor) -> Tensor:
         """patches (B, G, G, C, p, p) -> z (B, d, G, G)."""
         b, g = patches.shape[:2]
-        z = self.encoder(patches.flatten(0, 2))  # one batch of B * G * G patches
+        z = self.norm(self.encoder(patches.flatten(0, 2)))  # one batch of B * G * G patches
         return z.view(b, g, g, -1).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.encode_patches(to_patches(x, self.patch, self.stride)).mean(dim=(2, 3))
+        return self.encode_patches(self.patches(x)).mean(dim=(2, 3))
 
 
 class MaskedConv(nn.Module):
@@ -131,18 +150,23 @@ class CPC(Method):
         "steps": (2, "offsets k = 1..steps predicted (at most grid - 1)"),
         "directions": (4, "4: predictions in all four directions (v2); 1: top to bottom (v1)"),
         "context_layers": (2, "residual masked-convolution blocks of the context network"),
+        "min_side": (16, "images smaller than this are upsampled (bilinear) to it before the grid "
+                         "(not in CPC: 4 px patches of 8 px digits give the encoder nothing)"),
         "min_scale": (0.5, "smallest crop area fraction of the image"),
         "patch_min_scale": (0.6, "smallest crop area fraction of each patch"),
     }
-    # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
-    # backbone and 10 epochs; CPC v2's Adam schedule needs far longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128, epochs=10,
-                    warmup_epochs=1, width=0.5)
+    # Scaled to small data and CPU budgets: AdamW and a quarter-width backbone (each image is 9
+    # patches of 8 px: the half width of the other methods costs 3.5x per epoch), batch 64 and
+    # lr 3e-3 for enough steps (batch 128 at lr 1e-3 stayed near chance in 10 epochs). CPC v2
+    # trains with Adam for hundreds of epochs.
+    DEFAULTS = dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=64, epochs=20,
+                    warmup_epochs=1, width=0.25)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
-        patch, stride = patch_geometry(self.image_size, hp["grid"])
+        side = max(self.image_size, hp["min_side"])
+        patch, stride = patch_geometry(side, hp["grid"])
         if not 1 <= hp["steps"] <= hp["grid"] - 1:
             raise ValueError(f"steps must lie in [1, grid - 1 = {hp['grid'] - 1}], got "
                              f"{hp['steps']}")
@@ -150,17 +174,21 @@ class CPC(Method):
             raise ValueError(f"directions must be 1 or 4, got {hp['directions']}")
         if hp["context_layers"] < 1:
             raise ValueError(f"context_layers must be >= 1, got {hp['context_layers']}")
-        self.backbone = PatchGridEncoder(batch_norm_to_layer_norm(backbone), patch, stride)
+        self.backbone = PatchGridEncoder(batch_norm_to_layer_norm(backbone), side, patch, stride)
         d = backbone.out_dim
         self.context = ContextNetwork(d, hp["context_layers"])
-        # W_k per (direction, offset): (directions, steps, d, d), applied as c @ W.
-        self.predictors = nn.Parameter(torch.randn(hp["directions"], hp["steps"], d, d) / d ** 0.5)
+        # W_k per (direction, offset): (directions, steps, d, d), applied as c @ W. Initialized
+        # small: unit-variance W gives raw-dot-product logits of tens at the start (a loss of ~25
+        # against log N ~ 6) and the first epochs only undo that.
+        self.predictors = nn.Parameter(
+            torch.randn(hp["directions"], hp["steps"], d, d) * 0.1 / d ** 0.5)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         """[the image crop and flip, the per-patch augmentations] (one view, in augment)."""
-        patch = patch_geometry(image_size, self.hparams["grid"])[0]
-        image = Recipe(image_size, scale=crop_scale((self.hparams["min_scale"], 1.0), image_size,
-                                                    min_side=6))
+        side = max(image_size, self.hparams["min_side"])
+        patch = patch_geometry(side, self.hparams["grid"])[0]
+        image = Recipe(side, scale=crop_scale((self.hparams["min_scale"], 1.0), image_size,
+                                              min_side=6))
         return [image, Recipe(patch, scale=(self.hparams["patch_min_scale"], 1.0), flip_p=0.0,
                               jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.25,
                               blur_p=0.0)]
