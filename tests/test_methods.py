@@ -118,7 +118,7 @@ def test_mlp_layers():
 
 
 @pytest.mark.parametrize("name", ["simclr", "swav", "mocov1", "mocov2", "mocov3", "byol",
-                                  "simclrv2", "simsiam", "instdisc", "invaspread", "cmc",
+                                  "simclrv2", "simsiam", "dino", "instdisc", "invaspread", "cmc",
                                   "supcon", "triplet"])
 def test_full_size_crops_keep_the_data_min_crop_side(name):
     """Every full-size crop spans at least ImageData.min_crop_side pixels: the data set's, as

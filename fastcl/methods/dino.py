@@ -71,8 +71,8 @@ class DINO(Method):
         "freeze_last_layer": (1, "epochs during which the last layer gets no gradient"),
         "clip_grad": (3.0, "per-parameter gradient-norm clip (0: none)"),
         "num_local_crops": (4, "local crops per image (8 on ImageNet)"),
-        "global_scale": (0.4, "smallest area fraction of the global crops (raised to keep them "
-                              "at least 6 px wide)"),
+        "global_scale": (0.4, "smallest area fraction of the global crops (raised so crops keep "
+                              ">= 6 px on the digits, 10 px on digits-shift)"),
         "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05; both "
                              "raised to keep them at least 4 px wide)"),
     }
@@ -103,7 +103,7 @@ class DINO(Method):
     def view_recipes(self, image_size: int) -> list[Recipe]:
         hp = self.hparams
         common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
-        global_scale = crop_scale((hp["global_scale"], 1.0), image_size, min_side=6)
+        global_scale = self.crop_range((hp["global_scale"], 1.0))
         local_size = max(4, round(image_size * 96 / 224))
         local_scale = crop_scale((min(0.05, hp["local_scale"]), hp["local_scale"]), image_size,
                                  min_side=4)
