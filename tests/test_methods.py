@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastcl.methods import get_method
+from fastcl.methods import METHODS, get_method
 from fastcl.models import build_backbone, mlp
 from conftest import train_on_batch
 
@@ -117,9 +117,7 @@ def test_mlp_layers():
     assert head[0].bias is None and head[3].bias is None and head[4].weight is None
 
 
-@pytest.mark.parametrize("name", ["simclr", "swav", "mocov1", "mocov2", "mocov3", "byol",
-                                  "simclrv2", "simsiam", "dino", "instdisc", "invaspread", "cmc",
-                                  "supcon", "triplet"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_full_size_crops_keep_the_data_min_crop_side(name):
     """Every full-size crop spans at least ImageData.min_crop_side pixels: the data set's, as
     the trainer passes it (digits-shift: 10 of 16 px), else 6."""

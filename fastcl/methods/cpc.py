@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe, crop_scale, random_resized_crop
+from fastcl.augment import Recipe, random_resized_crop
 from fastcl.methods.base import Method
 
 
@@ -187,8 +187,7 @@ class CPC(Method):
         """[the image crop and flip, the per-patch augmentations] (one view, in augment)."""
         side = max(image_size, self.hparams["min_side"])
         patch = patch_geometry(side, self.hparams["grid"])[0]
-        image = Recipe(side, scale=crop_scale((self.hparams["min_scale"], 1.0), image_size,
-                                              min_side=6))
+        image = Recipe(side, scale=self.crop_range((self.hparams["min_scale"], 1.0)))
         return [image, Recipe(patch, scale=(self.hparams["patch_min_scale"], 1.0), flip_p=0.0,
                               jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.25,
                               blur_p=0.0)]
