@@ -5,9 +5,9 @@ same architecture, on the embedded digits and on the harder digits-shift set.
     python benchmarks/methods.py --methods simclr byol --data digits --csv out.csv
     python benchmarks/methods.py --render benchmarks/results/methods_cpu.csv --readme README.md
 
-A run trains each (data set, method) in turn, prints a row as it finishes and appends it to --csv;
-the CSV then holds the history of runs (two runs with disjoint --methods can share the machine's
-cores, one thread each). --render turns the newest row of each (data set, method) of a CSV into the
+A run trains each (data set, method) in turn, prints each row and appends it to --csv as soon as it
+is measured; the CSV holds the history of runs (two runs with disjoint --methods can share the
+machine's cores, one thread each). --render turns the newest row of each (data set, method) of a CSV into the
 markdown table (kNN k = 200 and linear-probe top-1 on the test split, the random-init encoder's,
 minutes of the whole run including evaluation, training images/s); with --readme it replaces the
 table between the README's "methods-table" markers.
@@ -21,6 +21,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -45,7 +46,17 @@ def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
             evaluate.linear_probe_accuracy(feats[0], data.y_train, feats[1], data.y_test))
 
 
-def run(data_names: list[str], methods: list[str]) -> list[dict]:
+def append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run(data_names: list[str], methods: list[str], csv_path: Optional[Path]) -> list[dict]:
+    """Trains each (data set, method); each row goes to csv_path as soon as it is measured."""
     rows = []
     for data_name in data_names:
         data = load_data(data_name)
@@ -64,6 +75,8 @@ def run(data_names: list[str], methods: list[str]) -> list[dict]:
                 wall_s=round(wall, 1), threads=torch.get_num_threads(), torch=torch.__version__,
                 machine=platform.processor() or platform.machine()))
             print(rows[-1], flush=True)
+            if csv_path:
+                append_csv(csv_path, rows[-1])
     return rows
 
 
@@ -110,14 +123,7 @@ def main() -> None:
         with open(args.render, newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = run(args.data, args.methods)
-        if args.csv:
-            new = not args.csv.exists()
-            with open(args.csv, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                if new:
-                    writer.writeheader()
-                writer.writerows(rows)
+        rows = run(args.data, args.methods, args.csv)
     table = markdown_table(rows)
     print(table)
     if args.readme:

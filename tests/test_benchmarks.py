@@ -50,3 +50,17 @@ def test_render_without_markers_is_an_error(tmp_path):
     done, readme = _render(tmp_path, [_row("digits", "simclr", 0.6, 90)], "no table here\n")
     assert done.returncode != 0 and "methods-table" in done.stderr
     assert readme.read_text() == "no table here\n"
+
+
+def test_rows_are_appended_under_one_header(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("methods_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "rows.csv"
+    for row in (_row("digits", "simclr", 0.6, 90), _row("digits", "byol", 0.7, 30)):
+        module.append_csv(path, row)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["simclr", "byol"] and list(rows[0]) == FIELDS
