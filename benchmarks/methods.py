@@ -7,10 +7,10 @@ same architecture, on the embedded digits and on the harder digits-shift set.
 
 A run trains each (data set, method) in turn, prints each row and appends it to --csv as soon as it
 is measured; the CSV holds the history of runs (two runs with disjoint --methods can share the
-machine's cores, one thread each). --render turns the newest row of each (data set, method) of a CSV into the
-markdown table (kNN k = 200 and linear-probe top-1 on the test split, the random-init encoder's,
-minutes of the whole run including evaluation, training images/s); with --readme it replaces the
-table between the README's "methods-table" markers.
+machine's cores, one thread each). --render turns the newest row of each (data set, method) of a
+CSV into the markdown table (kNN k = 200 and linear-probe top-1 on the test split, the random-init
+encoder's, minutes of the whole run including evaluation, training images/s); with --readme it
+replaces the table between the README's "methods-table" markers.
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ def run(data_names: list[str], methods: list[str], csv_path: Optional[Path]) -> 
 def markdown_table(rows: list[dict]) -> str:
     """The newest row of each (data, method), data sets then methods in registry order."""
     latest = {(r["data"], r["method"]): r for r in rows}
-    order = list(METHODS)
-    keys = sorted(latest, key=lambda k: ([r["data"] for r in rows].index(k[0]),
-                                         order.index(k[1]) if k[1] in order else len(order)))
+    data_order = list(dict.fromkeys(r["data"] for r in rows))  # first appearance
+    method_order = list(METHODS)
+    keys = sorted(latest, key=lambda k: (data_order.index(k[0]), method_order.index(k[1])
+                                         if k[1] in method_order else len(method_order)))
     lines = ["| data | method | epochs | kNN top-1 | linear top-1 | random-init kNN / linear "
              "| gain (kNN) | minutes | images/s | threads |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -24,6 +24,15 @@ from torch import Tensor, nn
 from fastcl.augment import Recipe, crop_scale
 
 
+# The help text of a crop-size hyper-parameter: how Method.crop_range raises it on small images.
+CROP_FLOOR_HELP = "raised so crops keep >= 6 px on the digits, 10 px on digits-shift"
+
+
+def min_scale_hparam(default: float) -> tuple[float, str]:
+    """The ``min_scale`` entry of a method's HPARAMS: (default, help)."""
+    return default, f"smallest random-resized-crop area fraction ({CROP_FLOOR_HELP})"
+
+
 class Method(nn.Module):
     name: ClassVar[str]
     HPARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import fastcl
 from fastcl.augment import Recipe
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import mlp
 
@@ -33,8 +33,7 @@ class BYOL(Method):
                                  "value; 0.99 and lower learned slower on the digits)"),
         "proj_hidden": (512, "projector and predictor hidden width (4096 on ImageNet)"),
         "proj_dim": (128, "projection dimension (256 on ImageNet)"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.08),
     }
     # BYOL learns slowly at first (no negatives) but its steps are cheap (no queue, one loss per
     # view pair): 90 epochs on the digits took 168 s on 2 idle cores, kNN 0.944 (15 epochs: 0.875).

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe
 from fastcl.color import normalized_lab
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.methods.instdisc import bank_recipe, check_bank_setup, check_indices
 
 
@@ -94,8 +94,7 @@ class CMC(Method):
         "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits, CMC's --softmax) or "
                             "nce (the paper's: InstDisc's NCE, one frozen Z per view)"),
         "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 15 epochs; CMC's SGD (lr 0.03, 240 epochs) needs far longer runs.

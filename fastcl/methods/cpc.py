@@ -29,8 +29,8 @@ augmentations (v2): a random crop of each patch (``patch_min_scale``-1), color j
 grayscale ("color dropping").
 
 Evaluation (``method.backbone``): images -> the same upsampling and patch grid, without the
-random parts -> patch features averaged over the grid, (B, d) (CPC v2 trains a ResNet on the (d, grid, grid) features; the mean keeps the
-trainer's linear probe and kNN).
+random parts -> patch features averaged over the grid, (B, d) (CPC v2 trains a ResNet on the
+(d, grid, grid) features; the mean keeps the trainer's linear probe and kNN).
 """
 from __future__ import annotations
 

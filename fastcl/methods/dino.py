@@ -29,7 +29,7 @@ import fastcl
 from fastcl import _checks
 from fastcl.augment import Recipe, crop_scale
 from fastcl.losses import DINOLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import CROP_FLOOR_HELP, Method
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import mlp
 
@@ -71,8 +71,7 @@ class DINO(Method):
         "freeze_last_layer": (1, "epochs during which the last layer gets no gradient"),
         "clip_grad": (3.0, "per-parameter gradient-norm clip (0: none)"),
         "num_local_crops": (4, "local crops per image (8 on ImageNet)"),
-        "global_scale": (0.4, "smallest area fraction of the global crops (raised so crops keep "
-                              ">= 6 px on the digits, 10 px on digits-shift)"),
+        "global_scale": (0.4, f"smallest area fraction of the global crops ({CROP_FLOOR_HELP})"),
         "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05; both "
                              "raised to keep them at least 4 px wide)"),
     }

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl import evaluate
 from fastcl.augment import Recipe
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 
 LOSSES = ("nce", "softmax")
 
@@ -81,8 +81,7 @@ class InstDisc(Method):
         "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits) or nce (the paper: "
                             "NCE, Z frozen after the first batch)"),
         "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 12 epochs; InstDisc's SGD (lr 0.03, 200 epochs, steps at 120 and 160) needs

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe
 from fastcl.losses.invaspread import InvaSpreadLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 
 LOSSES = ("invaspread", "nt_xent")
 
@@ -34,8 +34,7 @@ class InvaSpread(Method):
         "temperature": (0.1, "temperature tau"),
         "feat_dim": (128, "embedding dimension"),
         "loss": ("invaspread", "invaspread (the paper's loss) or nt_xent (plain softmax form)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 10 epochs; the paper's SGD (lr 0.03, wd 5e-4, B 128) needs far longer runs.

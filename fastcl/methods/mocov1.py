@@ -32,7 +32,7 @@ import fastcl
 from fastcl.augment import Recipe
 from fastcl.distributed import all_gather_no_grad, world
 from fastcl.losses import InfoNCELoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -81,8 +81,7 @@ class MoCoV1(Method):
         "momentum": (0.99, "key encoder momentum m (0.999 on ImageNet)"),
         "bn_groups": (4, "interleaved sub-batches of the key forward on one process (shuffle BN); "
                          "1: none"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # 30 epochs on the digits: kNN 0.964 in 35 s of training on 2 idle cores (12 epochs: 0.911).
     DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=30,

@@ -19,8 +19,6 @@ class MoCoV2(MoCoV1):
         **MoCoV1.HPARAMS,
         "temperature": (0.2, "InfoNCE temperature"),
         "mlp_hidden": (512, "hidden width of the MLP head (2048 on ImageNet)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
     }
     # 30 epochs on the digits, as MoCo v1 (15 epochs: kNN 0.914, just 10 points over random init).
     DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=30,

@@ -31,7 +31,7 @@ import fastcl
 from fastcl import _checks
 from fastcl.augment import Recipe
 from fastcl.losses import InfoNCELoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import ViT, mlp
 
@@ -46,8 +46,7 @@ class MoCoV3(Method):
                            "0: by backbone"),
         "momentum": (0.99, "base momentum m0 of the cosine schedule to 1"),
         "freeze_patch_projection": (1, "ViT: 1 keeps the patch projection at its random init"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.08),
     }
     DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
                     warmup_epochs=1, width=0.5)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastcl.augment import Recipe
 from fastcl.losses import NTXentLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.models import mlp
 
 
@@ -20,8 +20,7 @@ class SimCLR(Method):
                              "fastest in short runs on small data)"),
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection (loss) dimension"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.08),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
                                  "ImageNet, 0.5 CIFAR)"),
     }

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe
 from fastcl.losses.simclrv2 import NTXentMemoryLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import mlp
 
@@ -34,8 +34,7 @@ class SimCLRv2(Method):
         "proj_dim": (128, "projection (loss) dimension"),
         "memory_size": (0, "momentum-network embeddings kept as extra negatives (0: none)"),
         "memory_momentum": (0.99, "EMA of the memory network (0.999 on ImageNet)"),
-        "min_scale": (0.08, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.08),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
                                  "ImageNet, 0.5 CIFAR)"),
     }

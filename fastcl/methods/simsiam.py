@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastcl.augment import Recipe
 from fastcl.losses.simsiam import SimSiamLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.models import mlp
 
 
@@ -27,8 +27,7 @@ class SimSiam(Method):
         "proj_dim": (512, "projector width and output dimension h (2048 on ImageNet)"),
         "pred_hidden": (128, "predictor bottleneck width (h / 4)"),
         "fixed_predictor_lr": (1, "1: the predictor keeps the peak lr (no schedule); 0: scheduled"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # 60 epochs on the digits: kNN 0.947 in 101 s of training on 2 idle cores (12 epochs: 0.827).
     DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=60,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fastcl.augment import Recipe
 from fastcl.losses import SupConLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 from fastcl.models import mlp
 
 
@@ -33,8 +33,7 @@ class SupCon(Method):
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection (loss) dimension"),
         "base_temperature": (0.0, "0: the paper's loss; 0.07: SupContrast's code (x tau / 0.07)"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 8 epochs; SupContrast's SGD (lr 0.5 at B 1024, 1000 epochs) needs far

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe, crop_scale
 from fastcl.distributed import all_gather_no_grad
-from fastcl.methods.base import Method
+from fastcl.methods.base import CROP_FLOOR_HELP, Method
 from fastcl.models import mlp
 
 
@@ -36,8 +36,7 @@ class SwAV(Method):
         "proj_dim": (128, "projection dimension"),
         "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet); none on images "
                                "under 16 px, whose small crops would be under 7 px"),
-        "min_scale": (0.14, "smallest area fraction of the large crops (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": (0.14, f"smallest area fraction of the large crops ({CROP_FLOOR_HELP})"),
         "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05; both "
                               "raised to keep them at least 4 px wide)"),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s)"),

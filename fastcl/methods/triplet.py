@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastcl.augment import Recipe
 from fastcl.losses.triplet import TripletLoss
-from fastcl.methods.base import Method
+from fastcl.methods.base import Method, min_scale_hparam
 
 
 class Triplet(Method):
@@ -37,8 +37,7 @@ class Triplet(Method):
         "mining": ("semi_hard", "semi_hard (FaceNet) or batch_hard (Hermans et al.)"),
         "distance": ("squared", "squared (FaceNet) or euclidean L2 distance, on unit embeddings"),
         "embed_dim": (128, "embedding dimension"),
-        "min_scale": (0.2, "smallest random-resized-crop area fraction (raised so crops keep "
-                            ">= 6 px on the digits, 10 px on digits-shift)"),
+        "min_scale": min_scale_hparam(0.2),
     }
     # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
     # backbone and 8 epochs; FaceNet's schedule needs far longer runs.
