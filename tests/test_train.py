@@ -146,3 +146,23 @@ def test_two_process_gloo_run(tmp_path):
     # 64 images, 8 per process, 2 processes: 4 steps of a global batch of 16.
     assert state["history"][0]["epoch"] == 1
     assert state["optimizer"]["state"]  # the optimizer stepped
+
+
+def test_training_crops_keep_the_data_min_crop_side(tmp_path, monkeypatch):
+    """train() hands the data set's min_crop_side to the method (its crops never go below it)."""
+    import dataclasses
+
+    import fastcl.train as train_module
+
+    built = []
+    build = train_module.build_method
+
+    def recording_build(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(train_module, "build_method", recording_build)
+    data = dataclasses.replace(tiny_data(side=16), min_crop_side=13)
+    train(tiny_config(tmp_path, epochs=1), data=data)
+    assert built[0].min_crop_side == 13
+    assert all(r.scale[0] >= (13 / 16) ** 2 - 1e-9 for r in built[0].recipes)
