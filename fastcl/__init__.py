@@ -9,6 +9,7 @@ from fastcl.losses import (
     SupConLoss,
     dino_loss,
     dino_loss_ref,
+    dino_loss_sinkhorn,
     info_nce,
     info_nce_ref,
     nt_xent,
@@ -32,7 +33,7 @@ from fastcl.memory import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DINOLoss", "dino_loss", "dino_loss_ref",
+    "DINOLoss", "dino_loss", "dino_loss_ref", "dino_loss_sinkhorn",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
     "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "sinkhorn", "supcon", "supcon_ref",
     "InstDiscNCELoss", "MemoryBank", "Queue",

@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_on_ranks
-from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_ref, teacher_temp_schedule
+from fastcl.losses.dino import (DINOLoss, dino_loss, dino_loss_ref, dino_loss_sinkhorn,
+                                teacher_temp_schedule)
 from fastcl.ops import dino as ops
 
 # Error allowed vs the float64 truth, relative to max(|truth|, 1). 16-bit inputs are rounded
@@ -297,6 +298,62 @@ def test_two_process_center_all_reduce():
         assert max_error(results[rank][1], center) < 1e-6
 
 
+# --- Sinkhorn-Knopp centering (DINOv2) ---------------------------------------------------------
+def sinkhorn_centered_truth(student, teacher, student_temp, teacher_temp, iterations):
+    """DINOv2's sinkhorn_knopp_teacher over all T * B teacher rows, then DINO's cross-entropy
+    averaged over the (t, s != t) pairs, written out in float64."""
+    t, b, k = teacher.shape
+    q = torch.exp(teacher.double().reshape(t * b, k) / teacher_temp).t()  # (K, T * B)
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / (t * b)
+    codes = (q * t * b).t().reshape(t, b, k)
+    log_q = torch.log_softmax(student.double() / student_temp, dim=-1)
+    pairs = [(i, j) for i in range(t) for j in range(student.shape[0]) if i != j]
+    return sum(-(codes[i] * log_q[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("s,t,b,k,iterations", [(2, 2, 3, 5, 3), (5, 2, 4, 33, 1),
+                                                (3, 1, 6, 17, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sinkhorn_centering_matches_formula(s, t, b, k, iterations, dtype):
+    student, teacher, _ = make_inputs(s, t, b, k, scale=0.3)
+    student, teacher = student.to(dtype).requires_grad_(), teacher.to(dtype)
+    upstream = torch.randn(()).item()
+    loss = dino_loss_sinkhorn(student, teacher, 0.2, 0.05, iterations)
+    (grad,) = torch.autograd.grad(loss * upstream, student)
+    truth_student = student.detach().double().requires_grad_()
+    truth = sinkhorn_centered_truth(truth_student, teacher, 0.2, 0.05, iterations)
+    (truth_grad,) = torch.autograd.grad(truth * upstream, truth_student)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert max_error(loss, truth) < tol and max_error(grad, truth_grad) < tol
+    assert grad.dtype == dtype
+
+
+def test_sinkhorn_centering_16_bit_student():
+    student, teacher, _ = make_inputs(4, 2, 3, 20, scale=0.3, dtype=torch.bfloat16)
+    student.requires_grad_()
+    loss = dino_loss_sinkhorn(student, teacher, 0.1, 0.04)
+    loss.backward()
+    assert loss.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+    assert max_error(loss, sinkhorn_centered_truth(student.detach(), teacher, 0.1, 0.04, 3)) < 1e-5
+
+
+def test_module_sinkhorn_centering_uses_the_schedule_and_no_center():
+    """DINOLoss(centering="sinkhorn"): epsilon follows the teacher-temperature warm-up; the
+    center buffer stays untouched."""
+    loss_fn = DINOLoss(24, student_temp=0.2, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                       warmup_teacher_temp_epochs=4, centering="sinkhorn", sinkhorn_iterations=2)
+    for epoch in (0, 2, 7):
+        student, teacher, _ = make_inputs(3, 2, 4, 24, scale=0.3)
+        loss = loss_fn(student.float(), teacher.float(), epoch)
+        truth = sinkhorn_centered_truth(student.float(), teacher.float(), 0.2,
+                                        loss_fn.teacher_temperature(epoch), 2)
+        assert max_error(loss, truth) < 1e-5
+    assert torch.equal(loss_fn.center, torch.zeros(1, 24))
+
+
 # --- bad input ---------------------------------------------------------------------------------
 def _x(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=dtype, device=device)
@@ -337,6 +394,12 @@ def _x(*shape, dtype=torch.float32, device="cpu"):
     (lambda: DINOLoss(8, warmup_teacher_temp_epochs=30, num_epochs=10), ValueError, "num_epochs"),
     (lambda: DINOLoss(8, center_momentum=1.5), ValueError, "center_momentum"),
     (lambda: DINOLoss(8)(_x(3, 2, 8), _x(2, 2, 8), epoch=-1), ValueError, "epoch"),
+    (lambda: DINOLoss(8, centering="mean"), ValueError, "centering"),
+    (lambda: DINOLoss(8, sinkhorn_iterations=0), ValueError, "sinkhorn_iterations"),
+    (lambda: dino_loss_sinkhorn(_x(3, 2, 8), _x(2, 2, 8), 0.1, torch.tensor(0.04)), TypeError,
+     "teacher_temp"),
+    (lambda: dino_loss_sinkhorn(_x(3, 2, 8), _x(2, 2, 8), 0.1, 0.0), ValueError, "epsilon"),
+    (lambda: dino_loss_sinkhorn(_x(3, 2, 8), _x(2, 3, 8)), ValueError, "B = 2"),
 ])
 def test_bad_input_is_named(call, exc, words):
     with pytest.raises(exc, match=words):

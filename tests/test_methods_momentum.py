@@ -18,14 +18,14 @@ from fastcl.optim import build_optimizer, set_lr
 from conftest import train_on_batch
 
 
-def _method(name, backbone="resnet18", **hparams):
-    net = build_backbone(backbone, in_channels=1, image_size=8, width=0.125)
-    return get_method(name)(net, image_size=8, mean=[0.3], std=[0.4], **hparams)
+def _method(name, backbone="resnet18", image_size=8, **hparams):
+    net = build_backbone(backbone, in_channels=1, image_size=image_size, width=0.125)
+    return get_method(name)(net, image_size=image_size, mean=[0.3], std=[0.4], **hparams)
 
 
-def _images(n=16, seed=0):
+def _images(n=16, seed=0, side=8):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, 8, 8, generator=g) * 255).to(torch.uint8), g
+    return (torch.rand(n, 1, side, side, generator=g) * 255).to(torch.uint8), g
 
 
 def _fit(method, steps=8, epoch=1, lr=1e-2):
@@ -114,10 +114,11 @@ def test_mocov1_loss_and_queue():
 
 def test_dino_loss_matches_official_formula():
     torch.manual_seed(0)
-    method = _method("dino", out_dim=32, num_local_crops=2, warmup_teacher_temp_epochs=4)
-    images, g = _images(6)
+    method = _method("dino", image_size=16, out_dim=32, num_local_crops=2, centering="ema",
+                     student_temp=0.1, warmup_teacher_temp_epochs=4)
+    images, g = _images(6, side=16)
     views = method.augment(images, g)
-    assert [v.shape[-1] for v in views] == [8, 8, 4, 4]
+    assert [v.shape[-1] for v in views] == [16, 16, 7, 7]
     method.eval()
     loss = method(views, epoch=1)
     with torch.no_grad():
@@ -131,6 +132,30 @@ def test_dino_loss_matches_official_formula():
     torch.testing.assert_close(method.criterion.center.double(),
                                0.1 * teacher.reshape(-1, 32).mean(0, keepdim=True),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_dino_sinkhorn_centering_by_default():
+    """The default loss: Sinkhorn-Knopp codes of both global crops' teacher outputs (together,
+    epsilon = the teacher temperature) against the student at tau_s 0.2; no local crops on
+    8 px images; the center is not used."""
+    torch.manual_seed(0)
+    method = _method("dino", out_dim=32)
+    images, g = _images(6)
+    views = method.augment(images, g)
+    assert [v.shape[-1] for v in views] == [8, 8]
+    method.eval()
+    loss = method(views, epoch=0)
+    with torch.no_grad():
+        student = torch.stack([method.head(method.backbone(v)) for v in views]).double()
+        teacher = torch.stack([method.teacher(v) for v in views]).double()
+    codes = fastcl.sinkhorn(teacher.reshape(12, 32), epsilon=0.04).view(2, 6, 32)
+    log_q = torch.log_softmax(student / 0.2, dim=-1)
+    expected = -((codes[0] * log_q[1]).sum(-1).mean() + (codes[1] * log_q[0]).sum(-1).mean()) / 2
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(method.criterion.center, torch.zeros(1, 32))
+    assert any(isinstance(m, nn.BatchNorm1d) for m in method.head.mlp)
+    assert not any(isinstance(m, nn.BatchNorm1d)
+                   for m in _method("dino", out_dim=32, bn_in_head=0).head.mlp)
 
 
 def test_dino_loss_module_backward_after_center_update():
@@ -275,6 +300,8 @@ def test_simsiam_fixed_predictor_lr():
     ("dino", dict(norm_last_layer=2), "norm_last_layer"),
     ("dino", dict(num_local_crops=-1), "num_local_crops"),
     ("dino", dict(teacher_momentum=1.1), "teacher_momentum"),
+    ("dino", dict(centering="mean"), "centering"),
+    ("dino", dict(bn_in_head=2), "bn_in_head"),
     ("dino", dict(clip_grad=-1.0), "clip_grad"),
     ("dino", dict(temprature=0.1), "temprature"),
 ])

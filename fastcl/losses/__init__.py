@@ -11,10 +11,10 @@ from fastcl.losses.contrastive import (
     supcon_ref,
 )
 
-from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_ref
+from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_ref, dino_loss_sinkhorn
 
 __all__ = [
-    "DINOLoss", "dino_loss", "dino_loss_ref",
+    "DINOLoss", "dino_loss", "dino_loss_ref", "dino_loss_sinkhorn",
     "InfoNCELoss", "NTXentLoss", "SupConLoss",
     "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "supcon", "supcon_ref",
 ]

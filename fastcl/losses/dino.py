@@ -1,6 +1,8 @@
 """DINO loss (Caron et al. 2021): multi-crop cross-entropy between the centered, sharpened teacher
 softmax of the global crops and the student softmax of every other crop, as a function and as a
-drop-in ``nn.Module`` that keeps the center and the teacher-temperature warm-up.
+drop-in ``nn.Module`` that keeps the center and the teacher-temperature warm-up. DINOv2's
+Sinkhorn-Knopp centering of the teacher (``dino_loss_sinkhorn``, ``DINOLoss(centering=
+"sinkhorn")``) replaces the running center by a balanced assignment of each batch.
 
 The cross-entropy comes from the fused op fastcl.ops.dino.dino_loss: one pass over the prototype
 axis per sample, no (crops, B, K) softmax or per-pair product in memory, only the student gets a
@@ -21,6 +23,9 @@ from torch import Tensor, nn
 from fastcl import _checks
 from fastcl.distributed import world
 from fastcl.ops import dino as ops
+from fastcl.ops.sinkhorn import sinkhorn
+
+CENTERINGS = ("ema", "sinkhorn")
 
 Temperature = Union[float, Tensor]
 
@@ -81,6 +86,37 @@ def dino_loss(
     return ops.dino_loss(student, teacher.detach(), center, student_scale, teacher_scale)[0]
 
 
+def dino_loss_sinkhorn(
+    student: Tensor,
+    teacher: Tensor,
+    student_temp: Temperature = 0.1,
+    teacher_temp: float = 0.04,
+    iterations: int = 3,
+) -> Tensor:
+    """DINO's cross-entropy with DINOv2's Sinkhorn-Knopp centering of the teacher.
+
+    student: (S, B, K), teacher: (T, B, K) as :func:`dino_loss`. The teacher targets are the codes
+    of SwAV's Sinkhorn-Knopp (fastcl.sinkhorn, epsilon = teacher_temp, `iterations` steps) over all
+    T * B teacher rows at once, all ranks together under torch.distributed (DINOv2's
+    sinkhorn_knopp_teacher): every prototype gets an equal share of the batch, so no running
+    center is needed. Returns the fp32 mean over pairs of  mean_b -sum_k codes_t,k
+    * log_softmax(student_s / student_temp)_k; only student gets a gradient.
+    """
+    _check_inputs(student, teacher, teacher.new_zeros(teacher.shape[-1]))
+    if not isinstance(teacher_temp, (int, float)) or isinstance(teacher_temp, bool):
+        raise TypeError(f"teacher_temp must be a float (Sinkhorn's epsilon), got "
+                        f"{type(teacher_temp).__name__}")
+    t, b, k = teacher.shape
+    codes = sinkhorn(teacher.detach().reshape(t * b, k), epsilon=float(teacher_temp),
+                     iterations=iterations, gather=True)
+    # The op's teacher softmax of log(codes) at temperature 1 is the codes themselves (rows sum
+    # to 1); the floor keeps underflowed codes finite. 16-bit students are upcast: the log-codes
+    # would lose their precision in 16 bits.
+    dtype = torch.promote_types(student.dtype, codes.dtype)
+    targets = codes.clamp_min(torch.finfo(codes.dtype).tiny).log().view(t, b, k).to(dtype)
+    return dino_loss(student.to(dtype), targets, targets.new_zeros(k), student_temp, 1.0)
+
+
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
                           warmup_teacher_temp_epochs: int, num_epochs: int) -> np.ndarray:
     """The official DINO schedule: a linear warm-up over the first epochs, then constant."""
@@ -104,12 +140,23 @@ class DINOLoss(nn.Module):
     schedule array has num_epochs entries). After the loss, center <- m * center + (1 - m) *
     the mean of the teacher's T * B rows, all-reduced over ranks when torch.distributed is
     initialized (computed in fp32, where the official code sums in the teacher's dtype).
+
+    centering="sinkhorn" (DINOv2's option) centers the teacher by Sinkhorn-Knopp instead
+    (:func:`dino_loss_sinkhorn`, `sinkhorn_iterations` steps, epsilon = the teacher temperature
+    of the epoch); the center buffer is then neither used nor updated.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
-                 num_epochs: Optional[int] = None, center_momentum: float = 0.9):
+                 num_epochs: Optional[int] = None, center_momentum: float = 0.9,
+                 centering: str = "ema", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        if not isinstance(sinkhorn_iterations, Integral) or sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be an integer >= 1, got "
+                             f"{sinkhorn_iterations!r}")
+        self.centering, self.sinkhorn_iterations = centering, int(sinkhorn_iterations)
         if not isinstance(out_dim, Integral) or out_dim < 1:
             raise ValueError(f"out_dim must be a positive integer, got {out_dim!r}")
         for name, value in [("student_temp", student_temp), ("teacher_temp", teacher_temp),
@@ -143,6 +190,9 @@ class DINOLoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor, epoch: Optional[int] = None) -> Tensor:
         """student: (S, B, out_dim), teacher: (T, B, out_dim) -> fp32 loss; updates the center."""
+        if self.centering == "sinkhorn":
+            return dino_loss_sinkhorn(student, teacher, self.student_temp,
+                                      self.teacher_temperature(epoch), self.sinkhorn_iterations)
         # A copy of the center: the op keeps it for backward and update_center writes in place.
         loss = dino_loss(student, teacher, self.center.clone(), self.student_temp,
                          self.teacher_temperature(epoch))
