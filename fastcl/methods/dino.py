@@ -93,7 +93,7 @@ class DINO(Method):
         "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05; both "
                              "raised to keep them at least 4 px wide)"),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=0.04, batch_size=128, epochs=30,
+    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=0.04, batch_size=128, epochs=40,
                     warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
