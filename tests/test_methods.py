@@ -34,7 +34,7 @@ def test_method_trains(name):
 
 def test_swav_views_and_frozen_prototypes():
     method = _method("swav", num_small_crops=3)
-    assert [r.size for r in method.recipes] == [8, 8]  # no multi-crop on images under 16 px
+    assert [r.size for r in method.recipes] == [8, 8]  # small crops of 8 px: under 6 px, none
     backbone = build_backbone("resnet18", in_channels=1, image_size=32, width=0.125)
     large = get_method("swav")(backbone, image_size=32, mean=[0.3], std=[0.4], num_small_crops=3)
     assert [r.size for r in large.recipes] == [32, 32, 14, 14, 14]
@@ -131,3 +131,22 @@ def test_full_size_crops_keep_the_data_min_crop_side(name):
         full = [r for r in method.recipes if r.size == 16]
         assert full and all(r.scale[0] >= (side / 16) ** 2 - 1e-9 for r in full)
     assert ImageData.min_crop_side == 6
+
+
+@pytest.mark.parametrize("name,image,side,small_scales", [
+    ("swav", 32, 6, [(0.05, 0.14)] * 2),
+    ("swav", 16, 10, []),             # digits-shift: the largest small crop is 6 px of 16
+    ("swav", 8, 6, []),               # the digits
+    ("dino", 32, 6, [(0.05, 0.4)] * 4),
+    ("dino", 16, 10, [((10 / 16) ** 2, 0.4)] * 4),
+    ("dino", 8, 6, []),
+])
+def test_small_crops_keep_the_data_min_crop_side(name, image, side, small_scales):
+    """Multi-crop's small crops obey ImageData.min_crop_side like the others; where even the
+    largest of them would be under it, the method takes none."""
+    from fastcl.train import TrainConfig, build_method
+
+    method = build_method(TrainConfig(method=name).resolved(), 3, image, [0.5] * 3, [0.2] * 3,
+                          num_items=32, min_crop_side=side)
+    small = [r.scale for r in method.recipes if r.size != image]
+    assert small == pytest.approx(small_scales)

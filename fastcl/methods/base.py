@@ -16,7 +16,7 @@ the method's trainer defaults (optimizer, lr, batch size, ...) scaled to small i
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,13 @@ class Method(nn.Module):
         """A recipe's crop area fractions (low, high), low raised so that crops span at least
         min_crop_side pixels (the ImageNet ranges would cut an 8 px digit to 2 px)."""
         return crop_scale(scale, self.image_size, self.min_crop_side)
+
+    def small_crop_range(self, scale: tuple[float, float]) -> Optional[tuple[float, float]]:
+        """Multi-crop's small crops (area fractions `scale`) held to min_crop_side like every other
+        crop: the range with its lower end raised, or None where even the largest of them spans
+        fewer pixels (they would miss the object: the method then takes none)."""
+        low = max(scale[0], (self.min_crop_side / self.image_size) ** 2)
+        return (low, scale[1]) if low <= scale[1] else None
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """images (B, C, H, W) uint8 on the device -> one augmented batch per recipe."""

@@ -2,8 +2,8 @@
 multi-crop cross-entropy with centering and the teacher-temperature warm-up).
 
 Student = backbone + DINO head, on every crop: 2 global crops (area 0.4-1) and ``num_local_crops``
-local ones (area 0.05-0.4, at 96/224 of the side; none on images under 16 px, whose local crops
-would be under 7 px). Teacher = a momentum copy of both, on the two global crops only, without
+local ones (area 0.05-0.4, at 96/224 of the side; the smallest raised like the global crops'
+floor, and none where even the largest would be under it: on the digits and digits-shift). Teacher = a momentum copy of both, on the two global crops only, without
 gradient. The head is an MLP d -> h -> h -> bottleneck (GELU; BatchNorm after the hidden layers
 with ``bn_in_head``, the official use_bn_in_head), then n() and a weight-normalized
 Linear(bottleneck -> out_dim) without bias whose norm g is fixed at 1 (norm_last_layer, the
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import fastcl
 from fastcl import _checks
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.losses import DINOLoss
 from fastcl.losses.dino import CENTERINGS
 from fastcl.methods.base import CROP_FLOOR_HELP, Method
@@ -88,10 +88,11 @@ class DINO(Method):
         "teacher_momentum": (0.9, "base teacher momentum, cosine to 1 (0.996 on ImageNet)"),
         "freeze_last_layer": (1, "epochs during which the last layer gets no gradient"),
         "clip_grad": (3.0, "per-parameter gradient-norm clip (0: none)"),
-        "num_local_crops": (4, "local crops per image (8 on ImageNet); none on images under 16 px"),
+        "num_local_crops": (4, "local crops per image (8 on ImageNet); none where even the largest "
+                               "would be under the data set's smallest crop that shows the object"),
         "global_scale": (0.4, f"smallest area fraction of the global crops ({CROP_FLOOR_HELP})"),
-        "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05; both "
-                             "raised to keep them at least 4 px wide)"),
+        "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05, raised "
+                             "like the global crops' floor)"),
     }
     DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=0.04, batch_size=128, epochs=40,
                     warmup_epochs=1, width=0.5)
@@ -125,13 +126,15 @@ class DINO(Method):
         hp = self.hparams
         common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
         global_scale = self.crop_range((hp["global_scale"], 1.0))
-        local_size = max(4, round(image_size * 96 / 224))
-        local_scale = crop_scale((min(0.05, hp["local_scale"]), hp["local_scale"]), image_size,
-                                 min_side=4)
-        local = Recipe(local_size, scale=local_scale, blur_p=0.5, **common)
-        return [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
-                Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, **common),
-                *[local] * (hp["num_local_crops"] if image_size >= 16 else 0)]
+        global_views = [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
+                        Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2,
+                               **common)]
+        local_scale = self.small_crop_range((min(0.05, hp["local_scale"]), hp["local_scale"]))
+        if local_scale is None:
+            return global_views
+        local = Recipe(max(4, round(image_size * 96 / 224)), scale=local_scale, blur_p=0.5,
+                       **common)
+        return global_views + [local] * hp["num_local_crops"]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         batch = views[0].shape[0]

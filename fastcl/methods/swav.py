@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
-from fastcl.augment import Recipe, crop_scale
+from fastcl.augment import Recipe
 from fastcl.distributed import all_gather_no_grad
 from fastcl.methods.base import CROP_FLOOR_HELP, Method
 from fastcl.models import mlp
@@ -34,11 +34,12 @@ class SwAV(Method):
         "num_prototypes": (100, "number of prototypes K (3000 on ImageNet; fewer for small data)"),
         "proj_hidden": (512, "projector hidden width"),
         "proj_dim": (128, "projection dimension"),
-        "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet); none on images "
-                               "under 16 px, whose small crops would be under 7 px"),
+        "num_small_crops": (2, "small crops per image (multi-crop; 6 on ImageNet); none where "
+                               "even the largest would be under the data set's smallest crop "
+                               "that shows the object (the digits, digits-shift)"),
         "min_scale": (0.14, f"smallest area fraction of the large crops ({CROP_FLOOR_HELP})"),
-        "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05; both "
-                              "raised to keep them at least 4 px wide)"),
+        "small_scale": (0.14, "largest area fraction of the small crops (smallest: 0.05, raised "
+                              "like the large crops' floor)"),
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s)"),
         "freeze_prototypes_epochs": (1, "epochs during which the prototypes get no gradient"),
         "queue_length": (0, "past large-crop embeddings prepended for Sinkhorn (0: no queue)"),
@@ -65,11 +66,11 @@ class SwAV(Method):
         large = Recipe(image_size, scale=self.crop_range((hp["min_scale"], 1.0)),
                        **jitter)
         # Small crops: 96 / 224 of the side, a small part of the image each.
-        low, high = crop_scale((min(0.05, hp["small_scale"]), hp["small_scale"]), image_size, 4)
-        small = Recipe(max(4, round(image_size * 96 / 224)), scale=(low, max(high, 2 * low)),
-                       **jitter)
-        num_small = hp["num_small_crops"] if image_size >= 16 else 0
-        return [large, large] + [small] * num_small
+        small_scale = self.small_crop_range((min(0.05, hp["small_scale"]), hp["small_scale"]))
+        if small_scale is None:
+            return [large, large]
+        small = Recipe(max(4, round(image_size * 96 / 224)), scale=small_scale, **jitter)
+        return [large, large] + [small] * hp["num_small_crops"]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         hp = self.hparams
