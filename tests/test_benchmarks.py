@@ -52,15 +52,37 @@ def test_render_without_markers_is_an_error(tmp_path):
     assert readme.read_text() == "no table here\n"
 
 
-def test_rows_are_appended_under_one_header(tmp_path):
+def _load_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("methods_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_are_appended_under_one_header(tmp_path):
+    module = _load_script()
     path = tmp_path / "rows.csv"
     for row in (_row("digits", "simclr", 0.6, 90), _row("digits", "byol", 0.7, 30)):
         module.append_csv(path, row)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["simclr", "byol"] and list(rows[0]) == FIELDS
+
+
+def test_harder_set_runs_take_their_epochs(monkeypatch):
+    """A (data set, method) listed in EPOCHS trains that many epochs; elsewhere the default."""
+    module = _load_script()
+    trained = []
+
+    def fake_train(cfg, data):
+        trained.append((data, cfg.epochs))
+        return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0)
+
+    monkeypatch.setattr(module, "load_data", lambda name: name)
+    monkeypatch.setattr(module, "random_init", lambda cfg, data: (0.1, 0.1))
+    monkeypatch.setattr(module, "train", fake_train)
+    rows = module.run(["digits", "digits-shift"], ["swav"], None)
+    assert trained == [("digits", 15), ("digits-shift", module.EPOCHS[("digits-shift", "swav")])]
+    assert [r["epochs"] for r in rows] == [15, 40]
