@@ -71,18 +71,20 @@ def test_rows_are_appended_under_one_header(tmp_path):
     assert [r["method"] for r in rows] == ["simclr", "byol"] and list(rows[0]) == FIELDS
 
 
-def test_harder_set_runs_take_their_epochs(monkeypatch):
-    """A (data set, method) listed in EPOCHS trains that many epochs; elsewhere the default."""
+def test_harder_set_runs_take_their_overrides(monkeypatch):
+    """A (data set, method) listed in OVERRIDES trains with those epochs and hyper-parameters;
+    elsewhere with the method's defaults."""
     module = _load_script()
     trained = []
 
     def fake_train(cfg, data):
-        trained.append((data, cfg.epochs))
+        trained.append((data, cfg.epochs, cfg.hparams["queue_size"]))
         return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0)
 
     monkeypatch.setattr(module, "load_data", lambda name: name)
     monkeypatch.setattr(module, "random_init", lambda cfg, data: (0.1, 0.1))
     monkeypatch.setattr(module, "train", fake_train)
-    rows = module.run(["digits", "digits-shift"], ["swav"], None)
-    assert trained == [("digits", 15), ("digits-shift", module.EPOCHS[("digits-shift", "swav")])]
-    assert [r["epochs"] for r in rows] == [15, 40]
+    rows = module.run(["digits", "digits-shift"], ["mocov2"], None)
+    assert module.OVERRIDES[("digits-shift", "mocov2")] == dict(epochs=60, queue_size=128)
+    assert trained == [("digits", 30, 1024), ("digits-shift", 60, 128)]
+    assert [r["epochs"] for r in rows] == [30, 60]
