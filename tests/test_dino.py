@@ -340,6 +340,18 @@ def test_sinkhorn_centering_16_bit_student():
     assert max_error(loss, sinkhorn_centered_truth(student.detach(), teacher, 0.1, 0.04, 3)) < 1e-5
 
 
+def test_sinkhorn_centering_compiles():
+    student, teacher, _ = make_inputs(3, 2, 4, 16, scale=0.3, dtype=torch.float32)
+    student.requires_grad_()
+    call = lambda s, t: dino_loss_sinkhorn(s, t, 0.1, 0.05)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    eager, out = call(student, teacher), compiled(student, teacher)
+    (grad,) = torch.autograd.grad(eager, student)
+    (grad2,) = torch.autograd.grad(out, student)
+    assert max_error(out, eager) < 1e-6 and max_error(grad2, grad) < 1e-6
+
+
 def test_module_sinkhorn_centering_uses_the_schedule_and_no_center():
     """DINOLoss(centering="sinkhorn"): epsilon follows the teacher-temperature warm-up; the
     center buffer stays untouched."""
