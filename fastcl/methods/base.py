@@ -74,8 +74,8 @@ class Method(nn.Module):
         """Multi-crop's small crops (area fractions `scale`) held to min_crop_side like every other
         crop: the range with its lower end raised, or None where even the largest of them spans
         fewer pixels (they would miss the object: the method then takes none)."""
-        low = max(scale[0], (self.min_crop_side / self.image_size) ** 2)
-        return (low, scale[1]) if low <= scale[1] else None
+        low, high = self.crop_range(scale)
+        return (low, high) if low <= scale[1] else None
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """images (B, C, H, W) uint8 on the device -> one augmented batch per recipe."""

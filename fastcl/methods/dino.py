@@ -3,11 +3,12 @@ multi-crop cross-entropy with centering and the teacher-temperature warm-up).
 
 Student = backbone + DINO head, on every crop: 2 global crops (area 0.4-1) and ``num_local_crops``
 local ones (area 0.05-0.4, at 96/224 of the side; the smallest raised like the global crops'
-floor, and none where even the largest would be under it: on the digits and digits-shift). Teacher = a momentum copy of both, on the two global crops only, without
-gradient. The head is an MLP d -> h -> h -> bottleneck (GELU; BatchNorm after the hidden layers
-with ``bn_in_head``, the official use_bn_in_head), then n() and a weight-normalized
-Linear(bottleneck -> out_dim) without bias whose norm g is fixed at 1 (norm_last_layer, the
-official default; ``norm_last_layer`` 0 learns g).
+floor, and none where even the largest would be under it: on the digits and digits-shift).
+Teacher = a momentum copy of both, on the two global crops only, without gradient. The head is
+an MLP d -> h -> h -> bottleneck (GELU; BatchNorm after the hidden layers with ``bn_in_head``, the
+official use_bn_in_head), then n() and a weight-normalized Linear(bottleneck -> out_dim) without
+bias whose norm g is fixed at 1 (norm_last_layer, the official default; ``norm_last_layer`` 0
+learns g).
 
     L = mean over pairs (t global, s != t) of -sum_k P_t,k log softmax(g_s / tau_s)_k
 
@@ -40,7 +41,6 @@ import fastcl
 from fastcl import _checks
 from fastcl.augment import Recipe
 from fastcl.losses import DINOLoss
-from fastcl.losses.dino import CENTERINGS
 from fastcl.methods.base import CROP_FLOOR_HELP, Method
 from fastcl.methods.mocov1 import momentum_copy
 from fastcl.models import mlp
@@ -107,8 +107,6 @@ class DINO(Method):
             if not (isinstance(hp[name], int) and hp[name] >= 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {hp[name]!r}")
         _checks.unit_interval("teacher_momentum", hp["teacher_momentum"])
-        if hp["centering"] not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {hp['centering']!r}")
         if not hp["clip_grad"] >= 0:
             raise ValueError(f"clip_grad must be >= 0, got {hp['clip_grad']}")
         self.head = DINOHead(backbone.out_dim, hp["out_dim"], hp["head_hidden"],
