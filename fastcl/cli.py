@@ -38,7 +38,8 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
                      help="ImageFolder folder (train/, val/), CIFAR python batches folder or "
                           ".npz (x_train, y_train, x_test, y_test); default: the embedded "
                           "scikit-learn digits; digits-shift: the same digits moved, rescaled "
-                          "and coloured (16 px RGB)")
+                          "and coloured (16 px RGB); digits-color: the digits in amber on blue "
+                          "(8 px RGB)")
     run.add_argument("--epochs", type=int, help=f"default {d.get('epochs')}")
     run.add_argument("--batch-size", type=int, help=f"per process; default {d.get('batch_size')}")
     run.add_argument("--lr", type=float, help=f"peak learning rate; default {d.get('lr')}")

@@ -6,6 +6,8 @@
   download), split into a fixed stratified 80 / 20 train / test;
 - "digits-shift": the same digits rescaled, moved and recoloured on gradient backgrounds (16x16
   RGB), where raw-pixel kNN is weak: a test of learned invariances;
+- "digits-color": the same digits in digits-shift's two colours and nothing else changed (8x8
+  RGB): isolates what the methods' colour augmentation does to them;
 - a folder with train/ and val/ (or test/) class sub-folders (ImageFolder layout);
 - a folder of CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python batches;
 - an .npz with x_train, y_train, x_test, y_test (images (N, H, W), (N, H, W, C) or (N, C, H, W)).
@@ -67,6 +69,8 @@ def load_data(path: Optional[str | os.PathLike] = None) -> ImageData:
         return digits()
     if str(path) == "digits-shift":
         return shifted_digits()
+    if str(path) == "digits-color":
+        return colored_digits()
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--data {str(path)!r} does not exist")
@@ -105,6 +109,25 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
                      mirror_invariant=False)
 
 
+# digits-shift's and digits-color's palette: an amber digit on a blue background.
+BACKGROUND_RGB, DIGIT_RGB = (0.2, 0.3, 0.6), (1.0, 0.8, 0.3)
+
+
+def colored_digits(seed: int = 0) -> ImageData:
+    """``digits()`` drawn in amber on blue (each pixel blends the two colours by its ink), 8x8 RGB:
+    the digits' shapes unchanged, but colour jitter now moves every pixel, background included."""
+    base = digits(seed=seed)
+    background = torch.tensor(BACKGROUND_RGB).view(1, 3, 1, 1)
+    digit = torch.tensor(DIGIT_RGB).view(1, 3, 1, 1)
+
+    def paint(x: Tensor) -> Tensor:
+        ink = x.float() / 255
+        return ((background * (1 - ink) + digit * ink) * 255).round().to(torch.uint8)
+
+    return ImageData("digits-color", paint(base.x_train), base.y_train, paint(base.x_test),
+                     base.y_test, base.classes, mirror_invariant=False)
+
+
 def shifted_digits(side: int = 16, seed: int = 0) -> ImageData:
     """A harder set made from the digits, where raw pixels say little: each digit is rescaled to
     7..13 px and placed at a random position of a side x side canvas, drawn in amber on a blue
@@ -118,7 +141,7 @@ def shifted_digits(side: int = 16, seed: int = 0) -> ImageData:
 
     base = digits(seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    background_rgb, digit_rgb = torch.tensor([0.2, 0.3, 0.6]), torch.tensor([1.0, 0.8, 0.3])
+    background_rgb, digit_rgb = torch.tensor(BACKGROUND_RGB), torch.tensor(DIGIT_RGB)
     ramp = torch.linspace(-1, 1, side)
 
     def render(x: Tensor) -> Tensor:

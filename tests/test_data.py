@@ -41,6 +41,20 @@ def test_digits_shift_defeats_raw_pixels():
     assert torch.equal(load_data("digits-shift").x_test, data.x_test)  # fixed by the seed
 
 
+def test_digits_color_is_the_digits_in_two_colours():
+    """Every pixel of digits-color is the blend of the two palette colours that its digits ink
+    gives, so a pixel's ink can be read back from any channel."""
+    from fastcl.data import BACKGROUND_RGB, DIGIT_RGB
+
+    data, base = load_data("digits-color"), digits()
+    assert data.x_train.shape == (len(base.x_train), 3, 8, 8) and not data.mirror_invariant
+    assert torch.equal(data.y_train, base.y_train) and torch.equal(data.y_test, base.y_test)
+    ink = base.x_test.float() / 255  # (N, 1, 8, 8)
+    for c in range(3):
+        expected = (BACKGROUND_RGB[c] + (DIGIT_RGB[c] - BACKGROUND_RGB[c]) * ink[:, 0]) * 255
+        assert (data.x_test[:, c].float() - expected).abs().max() <= 0.5
+
+
 def _write_cifar10(folder, n=6):
     rng = np.random.default_rng(0)
     for name in ["data_batch_1", "data_batch_2", "test_batch"]:
