@@ -16,7 +16,7 @@ the method's trainer defaults (optimizer, lr, batch size, ...) scaled to small i
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,12 +70,16 @@ class Method(nn.Module):
         min_crop_side pixels (the ImageNet ranges would cut an 8 px digit to 2 px)."""
         return crop_scale(scale, self.image_size, self.min_crop_side)
 
-    def small_crop_range(self, scale: tuple[float, float]) -> Optional[tuple[float, float]]:
-        """Multi-crop's small crops (area fractions `scale`) held to min_crop_side like every other
-        crop: the range with its lower end raised, or None where even the largest of them spans
-        fewer pixels (they would miss the object: the method then takes none)."""
-        low, high = self.crop_range(scale)
-        return (low, high) if low <= scale[1] else None
+    def small_crops(self, largest_scale: float, count: int, **recipe: Any) -> list[Recipe]:
+        """Multi-crop's `count` small crops: 96 / 224 of the side (at least 4 px), area fractions
+        min(0.05, largest_scale)..largest_scale with the lower end raised to min_crop_side like
+        every other crop; none where even the largest would span fewer pixels (they would miss the
+        object). `recipe`: the rest of the Recipe (jitter, blur, ...)."""
+        low, high = self.crop_range((min(0.05, largest_scale), largest_scale))
+        if low > largest_scale:
+            return []
+        side = max(4, round(self.image_size * 96 / 224))
+        return [Recipe(side, scale=(low, high), **recipe)] * count
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """images (B, C, H, W) uint8 on the device -> one augmented batch per recipe."""

@@ -124,15 +124,9 @@ class DINO(Method):
         hp = self.hparams
         common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
         global_scale = self.crop_range((hp["global_scale"], 1.0))
-        global_views = [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
-                        Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2,
-                               **common)]
-        local_scale = self.small_crop_range((min(0.05, hp["local_scale"]), hp["local_scale"]))
-        if local_scale is None:
-            return global_views
-        local = Recipe(max(4, round(image_size * 96 / 224)), scale=local_scale, blur_p=0.5,
-                       **common)
-        return global_views + [local] * hp["num_local_crops"]
+        return [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
+                Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, **common),
+                *self.small_crops(hp["local_scale"], hp["num_local_crops"], blur_p=0.5, **common)]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         batch = views[0].shape[0]

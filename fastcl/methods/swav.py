@@ -65,12 +65,7 @@ class SwAV(Method):
                       blur_p=0.5)
         large = Recipe(image_size, scale=self.crop_range((hp["min_scale"], 1.0)),
                        **jitter)
-        # Small crops: 96 / 224 of the side, a small part of the image each.
-        small_scale = self.small_crop_range((min(0.05, hp["small_scale"]), hp["small_scale"]))
-        if small_scale is None:
-            return [large, large]
-        small = Recipe(max(4, round(image_size * 96 / 224)), scale=small_scale, **jitter)
-        return [large, large] + [small] * hp["num_small_crops"]
+        return [large, large, *self.small_crops(hp["small_scale"], hp["num_small_crops"], **jitter)]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         hp = self.hparams
