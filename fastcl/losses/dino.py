@@ -38,10 +38,12 @@ def _inverse_temperature(name: str, value: Temperature, device: torch.device) ->
     return torch.full((), 1.0 / float(value), dtype=torch.float32, device=device)
 
 
-def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
+def _check_crops(student: Tensor, teacher: Tensor) -> None:
+    """student (S, B, K) and teacher (T, B, K) logits, T <= S, S >= 2."""
     _checks.embeddings("student", student, ndim=3)
     _checks.embeddings("teacher", teacher, ndim=3)
     _checks.same_dtype(student=student, teacher=teacher)
+    _checks.same_device(student=student, teacher=teacher)
     s, b, k = student.shape
     t = teacher.shape[0]
     if t > s:
@@ -53,13 +55,18 @@ def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
     if teacher.shape[1:] != (b, k):
         raise ValueError(f"teacher must have shape (T, B, K) with B = {b}, K = {k} as student, got "
                          f"{tuple(teacher.shape)}")
+
+
+def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
+    _check_crops(student, teacher)
+    k = student.shape[-1]
     if not isinstance(center, Tensor):
         raise TypeError(f"center must be a torch.Tensor, got {type(center).__name__}")
     if center.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"center must be a floating tensor, got {center.dtype}")
     if center.shape not in ((k,), (1, k)):
         raise ValueError(f"center must have shape ({k},) or (1, {k}), got {tuple(center.shape)}")
-    _checks.same_device(student=student, teacher=teacher, center=center)
+    _checks.same_device(student=student, center=center)
 
 
 def dino_loss(
@@ -102,7 +109,7 @@ def dino_loss_sinkhorn(
     center is needed. Returns the fp32 mean over pairs of  mean_b -sum_k codes_t,k
     * log_softmax(student_s / student_temp)_k; only student gets a gradient.
     """
-    _check_inputs(student, teacher, teacher.new_zeros(teacher.shape[-1]))
+    _check_crops(student, teacher)
     if not isinstance(teacher_temp, (int, float)) or isinstance(teacher_temp, bool):
         raise TypeError(f"teacher_temp must be a float (Sinkhorn's epsilon), got "
                         f"{type(teacher_temp).__name__}")
