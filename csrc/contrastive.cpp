@@ -1,35 +1,44 @@
-// CPU kernels of the contrastive op family: the two log-sum-exp primitives of
-// fastcl/ops/contrastive.py.
+// CPU kernels of the contrastive op family (fastcl/ops/contrastive.py): per-anchor statistics of
+// logits s_ij = scale <a_i, b_j> over a (M, D) and b (N, D), and the gradients they define.
 //
-//   gram_lse_fwd(u, scale)                        lse_i = log sum_{j != i} exp(scale <u_i, u_j>)
-//   gram_lse_bwd(u, scale, lse, grad)             du = scale * W u
-//   cross_lse_fwd(q, k, scale, off, has_diag, with_col)          row / column lse of scale q k^T
-//   cross_lse_bwd(q, k, scale, off, has_diag, row_lse, grad_row, col_lse, grad_col,
-//                 with_col, need_dk)             dq = scale * W k, dk = scale * W^T q
+//   gram_stats_fwd(u, labels, scale)                              stats (4, M), a = b = u
+//   gram_stats_bwd(u, labels, scale, coef)                        du = scale (W + W^T) u
+//   cross_stats_fwd(q, k, q_labels, k_labels, scale, off, has_diag, with_col)
+//                                                                 (row stats, column stats)
+//   cross_stats_bwd(q, k, q_labels, k_labels, scale, off, has_diag, coef, col_coef, need_dk)
+//                                                                 dq = scale W k, dk = scale W^T q
+//   bank_lse_fwd(q, bank, scale)                                  (lse, softmax-weighted bank mean)
 //
-// Both primitives are one "pair problem": logits s_ij = scale <a_i, b_j> over a (M, D) and
-// b (N, D), with the pairs j - i == offset optionally excluded. Gram is the symmetric case
-// b = a, offset 0, where only tiles J >= I are visited and each tile serves the rows of block I
-// and, through its columns, the rows of block J.
+// Pairs j - i == off are left out (has_diag); of the others, those with equal labels are an
+// anchor's positives and the rest its negatives. stats = [lse over negatives, lse over positives,
+// sum of positive logits, number of positives]; coef (5, n) = [g, lse, lse_pos, 1 / count, r] per
+// anchor gives the backward weights W_ij = g_i exp(s_ij - lse_i) for a negative and
+// g_i ((q_ij - 1 / count_i) - q_ij r_i) for a positive, q_ij = exp(s_ij - lse_pos_i) (exactly 1
+// for a single positive); the Python module says why this keeps late-training losses exact.
+// Positives are few (one per anchor for NT-Xent and CLIP), so each tile finds them (labels
+// compared, then nonzero) and treats them as a sparse list; the dense work is the negatives'.
+// Gram is the symmetric case b = a, offset 0, where only tiles J >= I are visited and each tile
+// serves the rows of block I and, through its columns, the rows of block J.
 //
 // The similarity matrix is never materialized: the work runs over (tile_m, tile_n) tiles, each
 // computed by an MKL GEMM into a reused scratch buffer and reduced by ATen's vectorized
 // elementwise kernels. The tile loop is sequential: parallelism comes from inside each op (MKL
 // and ATen threads), which on a few cores keeps the GEMMs at peak. Backward recomputes the
-// tiles from the inputs and the O(M + N) lse. Extra memory: O(tile_m * tile_n + tile * D)
+// tiles from the inputs and the O(M + N) statistics. Extra memory: O(tile_m * tile_n + tile * D)
 // scratch plus O((M + N) * D) for fp32 copies of 16-bit or strided inputs and the gradients.
 //
 // Every per-tile result (row sums, W b_J products) is computed from zero into scratch and then
 // added to its accumulator: accumulating inside the GEMM/GEMV (beta = 1) chains every term of
 // a row onto one running fp32 value (measured: 1e-3 relative error in dq at M = 2, N = 4M).
 //
-// Two exact numerical schemes:
+// The negatives' log-sum-exp has two exact schemes:
 // * Unshifted (fast): R = |scale| max_i |a_i| max_j |b_j| bounds every |s_ij|. When R <= 40
 //   (e.g. unit-norm features at temperature >= 0.025), exp(s_ij) lies in [e^-40, e^40], normal
 //   fp32 numbers whose sums over any N < 2^63 stay finite, so no shift is needed at all and each
 //   tile element costs one exp in forward and in backward.
 // * Online max (general): per-row and per-column running (max, sum) merged across tiles, as in
 //   online softmax, for any magnitude (temperature 0.01, un-normalized features, NaN inputs).
+// The positives always keep a running max, so that a single positive's lse is its logit exactly.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -91,12 +100,30 @@ void check_same_dim(const Tensor& q, const Tensor& k) {
               " and ", k.size(1));
 }
 
+/// labels: (n,) integer labels -> contiguous int64.
+Tensor labels_of(const Tensor& x, int64_t n, const char* name) {
+  TORCH_CHECK(x.defined() && x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(at::isIntegralType(x.scalar_type(), /*includeBool=*/false), name,
+              " must be an integer tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, name, " must have shape (", n, ",), got ", x.sizes());
+  return x.to(at::kLong).contiguous();
+}
+
+/// coef: (5, n) backward coefficients [g, lse, lse_pos, 1 / count, r] -> contiguous fp32.
+Tensor coefficients(const Tensor& x, int64_t n, const char* name) {
+  check_cpu_float(x, name);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 5 && x.size(1) == n, name, " must have shape (5, ", n,
+              "), got ", x.sizes());
+  return x.to(at::kFloat).contiguous();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The pair problem and its tiling
 // ---------------------------------------------------------------------------------------------
 struct PairProblem {
   Tensor a;  // (M, D) fp32 contiguous
   Tensor b;  // (N, D) fp32 contiguous; the same tensor as a when symmetric
+  Tensor a_labels, b_labels;  // (M,), (N,) int64 contiguous
   float scale;
   // Offset of the excluded pairs j - i == offset, only when that diagonal meets the matrix.
   std::optional<int64_t> excluded;
@@ -109,15 +136,16 @@ struct PairProblem {
   int64_t cols() const { return b.size(0); }
 };
 
-PairProblem make_problem(Tensor a, Tensor b, float scale, std::optional<int64_t> offset,
-                         bool symmetric) {
+PairProblem make_problem(Tensor a, Tensor b, Tensor a_labels, Tensor b_labels, float scale,
+                         std::optional<int64_t> offset, bool symmetric) {
   const int64_t m = a.size(0), n = b.size(0);
   if (offset && (*offset <= -m || *offset >= n)) offset.reset();
   // Symmetric tiles must be square so that diagonal tiles sit on the diagonal.
   const int64_t tile_m = std::max<int64_t>(1, std::min(m, kTileRows));
   const int64_t cross_n = std::clamp(kTileElems / tile_m, kTileRows, kMaxTileCols);
   const int64_t tile_n = symmetric ? tile_m : std::max<int64_t>(1, std::min(n, cross_n));
-  return {std::move(a), std::move(b), scale, offset, symmetric, tile_m, tile_n};
+  return {std::move(a), std::move(b), std::move(a_labels), std::move(b_labels), scale, offset,
+          symmetric, tile_m, tile_n};
 }
 
 /// One tile: rows [i0, i0 + tm) of a, rows [j0, j0 + tn) of b.
@@ -143,7 +171,7 @@ bool serves_columns(const PairProblem& p, const Tile& t, bool wanted) {
 }
 
 /// x: (tm, tn) tile -> fills the excluded pairs (local diagonal) with value, if any lie in it.
-void fill_excluded(const PairProblem& p, const Tile& t, const Tensor& x, float value) {
+void fill_excluded(const PairProblem& p, const Tile& t, const Tensor& x, const at::Scalar& value) {
   if (!p.excluded) return;
   // |excluded| < max(M, N) and |j0 - i0| < max(M, N): no overflow.
   const int64_t local = *p.excluded - (t.j0 - t.i0);
@@ -160,12 +188,14 @@ Tensor tile_view(const Tensor& buffer, const Tile& t) {
 struct Scratch {
   Tensor s;     // flat, tile_m * tile_n: logits, or their exp
   Tensor aux;   // flat, tile_m * tile_n: a second exp / the backward weights W
+  Tensor mask;  // flat bool, tile_m * tile_n: the positive pairs
   Tensor part;  // flat, max(tile_m, tile_n) * (D or 1): one tile's row/column sums or W b_J
 
   Scratch(const PairProblem& p, int64_t part_width) {
     const auto opts = p.a.options();
     s = at::empty({p.tile_m * p.tile_n}, opts);
     aux = at::empty({p.tile_m * p.tile_n}, opts);
+    mask = at::empty({p.tile_m * p.tile_n}, opts.dtype(at::kBool));
     part = at::empty({std::max(p.tile_m, p.tile_n) * part_width}, opts);
   }
   /// (n,) or (n, width) contiguous view on the front of part.
@@ -179,6 +209,25 @@ struct Scratch {
 void logits(const PairProblem& p, const Tile& t, Tensor s) {
   const Tensor a_i = p.a.narrow(0, t.i0, t.tm), b_j = p.b.narrow(0, t.j0, t.tn);
   at::addmm_out(s, s, a_i, b_j.t(), /*beta=*/0, /*alpha=*/p.scale);  // beta=0: s is not read
+}
+
+/// A tile's positive pairs: tile-local rows and columns, flat offsets into the tile, logits.
+struct Positives {
+  Tensor rows, cols, flat, logits;  // (P,) each
+  bool empty() const { return flat.numel() == 0; }
+};
+
+/// The kept pairs of tile t with equal labels, and their logits read from s (tm, tn).
+Positives find_positives(const PairProblem& p, const Tile& t, const Tensor& s,
+                         const Scratch& buf) {
+  Tensor mask = tile_view(buf.mask, t);
+  at::eq_out(mask, p.a_labels.narrow(0, t.i0, t.tm).unsqueeze(1),
+             p.b_labels.narrow(0, t.j0, t.tn).unsqueeze(0));
+  fill_excluded(p, t, mask, false);
+  const Tensor where = at::nonzero(mask);  // (P, 2)
+  Tensor rows = where.select(1, 0), cols = where.select(1, 1);
+  Tensor flat = rows * t.tn + cols;
+  return {rows, cols, flat, s.reshape(-1).index_select(0, flat)};
 }
 
 /// Whether the unshifted scheme is exact for this problem (see the file comment). A NaN/inf in
@@ -196,7 +245,7 @@ bool unshifted_is_exact(const PairProblem& p) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
-/// Running log-sum-exp of a set of rows (or of columns) across tiles: lse = max + log(sum).
+/// Running log-sum-exp of the negatives of a set of rows (or of columns) across tiles.
 struct OnlineLse {
   Tensor max;  // (n,) running max, -inf before any entry
   Tensor sum;  // (n,) sum of exp(s - max), with 0 in place of a -inf max
@@ -233,30 +282,75 @@ struct OnlineLse {
   Tensor finish() { return max.add_(sum.log_()); }
 };
 
-/// Unshifted forward: E = exp(s) once per element; lse = log(sum E).
+/// Statistics of the positives of a set of rows (or columns), fed a sparse list per tile: a
+/// running (max, sum) as OnlineLse, so that a single positive's lse is exactly its logit, plus
+/// the sum of the positive logits and their count.
+struct PositiveStats {
+  Tensor max, sum, logit_sum, count;  // (n,) each
+
+  PositiveStats(int64_t n, const at::TensorOptions& opts)
+      : max(at::full({n}, -kInf, opts)),
+        sum(at::zeros({n}, opts)),
+        logit_sum(at::zeros({n}, opts)),
+        count(at::zeros({n}, opts)) {}
+
+  /// Folds positives with logits `values` at local indices `index` of entries [start, start + len).
+  void merge(int64_t start, int64_t len, const Tensor& index, const Tensor& values) {
+    Tensor m = max.narrow(0, start, len), acc = sum.narrow(0, start, len);
+    const Tensor m_new = m.scatter_reduce(0, index, values, "amax", /*include_self=*/true);
+    const Tensor shift = at::nan_to_num(m_new, std::numeric_limits<double>::quiet_NaN(), kInf, 0.0);
+    acc.mul_((m - shift).exp_());
+    acc.index_add_(0, index, (values - shift.index_select(0, index)).exp_());
+    m.copy_(m_new);
+    logit_sum.narrow(0, start, len).index_add_(0, index, values);
+    count.narrow(0, start, len).index_add_(0, index, at::ones_like(values));
+  }
+
+  /// (4, n) stats [lse_neg, lse_pos, sum_pos, count] with the negatives' lse_neg (n,).
+  Tensor finish(const Tensor& lse_neg) {
+    return at::stack({lse_neg, max.add_(sum.log_()), logit_sum, count});
+  }
+};
+
+/// Folds a tile's positives into the row statistics and, when it serves columns, the column ones.
+void merge_positives(const PairProblem& p, const Tile& t, const Positives& pos, bool columns,
+                     PositiveStats& row_pos, PositiveStats& col_pos) {
+  row_pos.merge(t.i0, t.tm, pos.rows, pos.logits);
+  if (columns) col_pos.merge(t.j0, t.tn, pos.cols, pos.logits);
+}
+
+/// Unshifted forward: E = exp(s) once per element; lse_neg = log(sum E) over the negatives.
 std::pair<Tensor, Tensor> forward_unshifted(const PairProblem& p, bool with_col,
-                                            const Scratch& buf) {
+                                            const Scratch& buf, PositiveStats& row_pos,
+                                            PositiveStats& col_pos) {
   const auto opts = p.a.options();
   Tensor row_sum = at::zeros({p.rows()}, opts);
   Tensor col_sum = p.symmetric ? row_sum : (with_col ? at::zeros({p.cols()}, opts) : Tensor());
   for_each_tile(p, [&](const Tile& t) {
     Tensor e = tile_view(buf.s, t);
     logits(p, t, e);
+    const Positives pos = find_positives(p, t, e, buf);
+    const bool columns = serves_columns(p, t, with_col);
     e.exp_();
+    if (!pos.empty()) {
+      merge_positives(p, t, pos, columns, row_pos, col_pos);
+      e.view(-1).index_fill_(0, pos.flat, 0.f);
+    }
     fill_excluded(p, t, e, 0.f);
     Tensor part = buf.part_vec(t.tm);
     row_sum.narrow(0, t.i0, t.tm).add_(at::sum_out(part, e, {1}));
-    if (serves_columns(p, t, with_col)) {
+    if (columns) {
       part = buf.part_vec(t.tn);
       col_sum.narrow(0, t.j0, t.tn).add_(at::sum_out(part, e, {0}));
     }
   });
-  Tensor col = (with_col && !p.symmetric) ? col_sum.log_() : at::empty({0}, opts);
+  Tensor col = (with_col && !p.symmetric) ? col_sum.log_() : Tensor();
   return {row_sum.log_(), col};
 }
 
 /// Online-max forward: two exps per element (row shift and column shift).
-std::pair<Tensor, Tensor> forward_online(const PairProblem& p, bool with_col, const Scratch& buf) {
+std::pair<Tensor, Tensor> forward_online(const PairProblem& p, bool with_col, const Scratch& buf,
+                                         PositiveStats& row_pos, PositiveStats& col_pos) {
   const auto opts = p.a.options();
   OnlineLse rows(p.rows(), p.tile_m, opts);
   std::optional<OnlineLse> cols;
@@ -265,30 +359,63 @@ std::pair<Tensor, Tensor> forward_online(const PairProblem& p, bool with_col, co
   for_each_tile(p, [&](const Tile& t) {
     Tensor s = tile_view(buf.s, t), e = tile_view(buf.aux, t);
     logits(p, t, s);
+    const Positives pos = find_positives(p, t, s, buf);
+    const bool columns = serves_columns(p, t, with_col);
+    if (!pos.empty()) {
+      merge_positives(p, t, pos, columns, row_pos, col_pos);
+      s.view(-1).index_fill_(0, pos.flat, -kInf);
+    }
     fill_excluded(p, t, s, -kInf);
     rows.merge(s, 1, t.i0, e, buf.part_vec(t.tm));
-    if (serves_columns(p, t, with_col)) col_acc.merge(s, 0, t.j0, e, buf.part_vec(t.tn));
+    if (columns) col_acc.merge(s, 0, t.j0, e, buf.part_vec(t.tn));
   });
-  Tensor col = cols ? cols->finish() : at::empty({0}, opts);
-  return {rows.finish(), col};
+  return {rows.finish(), cols ? cols->finish() : Tensor()};
 }
 
-/// (row_lse (M,), col_lse (N,) or (0,)); for a symmetric problem col_lse is always (0,).
-std::pair<Tensor, Tensor> pair_lse_forward(const PairProblem& p, bool with_col) {
+/// (row stats (4, M), column stats (4, N) or (4, 0)); a symmetric problem has no column stats.
+std::pair<Tensor, Tensor> pair_stats_forward(const PairProblem& p, bool with_col) {
+  const auto opts = p.a.options();
   const Scratch buf(p, /*part_width=*/1);
-  if (unshifted_is_exact(p)) return forward_unshifted(p, with_col, buf);
-  return forward_online(p, with_col, buf);
+  const bool columns = with_col && !p.symmetric;
+  PositiveStats row_pos(p.rows(), opts);
+  std::optional<PositiveStats> own_col_pos;
+  if (columns) own_col_pos.emplace(p.cols(), opts);
+  PositiveStats& col_pos = columns ? *own_col_pos : row_pos;
+  const auto [row_neg, col_neg] = unshifted_is_exact(p)
+                                      ? forward_unshifted(p, with_col, buf, row_pos, col_pos)
+                                      : forward_online(p, with_col, buf, row_pos, col_pos);
+  Tensor col = columns ? own_col_pos->finish(col_neg) : at::empty({4, 0}, opts);
+  return {row_pos.finish(row_neg), col};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
-/// Upstream statistics: W_ij = row_grad_i exp(s_ij - row_lse_i) + col_grad_j exp(s_ij - col_lse_j),
-/// the column term only when col_lse is defined. All (M,) or (N,) fp32.
+/// Per-anchor backward coefficients (5, n) = [g, lse, lse_pos, 1 / count, r] of the rows and,
+/// when the column losses reached the loss, of the columns (else undefined).
 struct Upstream {
-  Tensor row_lse, row_grad, col_lse, col_grad;
-  bool has_col() const { return col_lse.defined(); }
+  Tensor row, col;
+  bool has_col() const { return col.defined(); }
 };
+
+/// The weights of a tile's positives seen from its rows (index = pos.rows, start = i0) or its
+/// columns: g ((q - 1 / count) - q r), q = exp(s - lse_pos), exactly 1 for a single positive.
+Tensor positive_weights(const Tensor& coef, int64_t start, int64_t len, const Tensor& index,
+                        const Tensor& logits) {
+  const auto pick = [&](int64_t row) { return coef[row].narrow(0, start, len).index_select(0, index); };
+  const Tensor grad = pick(0), lse_pos = pick(2), inv_count = pick(3), share = pick(4);
+  const Tensor q = at::where(inv_count == 1, at::ones_like(logits), (logits - lse_pos).exp_());
+  return grad * ((q - inv_count) - q * share);
+}
+
+/// Overwrites the positives' entries of the tile's weights w (tm, tn).
+void set_positive_weights(const PairProblem& p, const Tile& t, const Upstream& up,
+                          const Positives& pos, Tensor& w) {
+  if (pos.empty()) return;
+  Tensor values = positive_weights(up.row, t.i0, t.tm, pos.rows, pos.logits);
+  if (up.has_col()) values.add_(positive_weights(up.col, t.j0, t.tn, pos.cols, pos.logits));
+  w.view(-1).index_copy_(0, pos.flat, values);
+}
 
 /// da_I += scale * W b_J and, when the tile serves columns, db_J += scale * W^T a_I.
 void accumulate_grads(const PairProblem& p, const Tile& t, const Tensor& w, const Scratch& buf,
@@ -303,17 +430,18 @@ void accumulate_grads(const PairProblem& p, const Tile& t, const Tensor& w, cons
   }
 }
 
-/// Unshifted backward: exp(s - lse) = exp(s) * exp(-lse), one exp per element; lse >= -R, so
-/// the per-row factor exp(-lse) <= e^40 cannot overflow.
+/// Unshifted backward: a negative's g exp(s - lse) = exp(s) * g exp(-lse), one exp per element;
+/// lse >= -R, so the per-row factor exp(-lse) <= e^40 cannot overflow.
 void backward_unshifted(const PairProblem& p, const Upstream& up, const Scratch& buf, Tensor& da,
                         Tensor& db, bool need_db) {
   // Rows whose every pair is excluded have lse = -inf and an infinite factor; all their W entries
   // are excluded pairs, which are overwritten with 0 below.
-  const Tensor row_coef = up.row_grad * at::exp(-up.row_lse);
-  const Tensor col_coef = up.has_col() ? up.col_grad * at::exp(-up.col_lse) : Tensor();
+  const Tensor row_coef = up.row[0] * at::exp(-up.row[1]);
+  const Tensor col_coef = up.has_col() ? up.col[0] * at::exp(-up.col[1]) : Tensor();
   for_each_tile(p, [&](const Tile& t) {
     Tensor e = tile_view(buf.s, t), w = tile_view(buf.aux, t);
     logits(p, t, e);
+    const Positives pos = find_positives(p, t, e, buf);
     e.exp_();
     const Tensor rc = row_coef.narrow(0, t.i0, t.tm).unsqueeze(1);
     if (col_coef.defined()) {
@@ -321,23 +449,26 @@ void backward_unshifted(const PairProblem& p, const Upstream& up, const Scratch&
     } else {
       at::mul_out(w, e, rc);
     }
+    set_positive_weights(p, t, up, pos, w);
     fill_excluded(p, t, w, 0.f);
     accumulate_grads(p, t, w, buf, da, db, need_db);
   });
 }
 
-/// Online backward: exp(s - row_lse) and exp(s - col_lse) separately, each <= 1.
+/// Online backward: exp(s - row lse) and exp(s - column lse) separately, each <= 1.
 void backward_online(const PairProblem& p, const Upstream& up, const Scratch& buf, Tensor& da,
                      Tensor& db, bool need_db) {
   for_each_tile(p, [&](const Tile& t) {
     Tensor s = tile_view(buf.s, t), w = tile_view(buf.aux, t);
     logits(p, t, s);
-    at::sub_out(w, s, up.row_lse.narrow(0, t.i0, t.tm).unsqueeze(1)).exp_();
-    w.mul_(up.row_grad.narrow(0, t.i0, t.tm).unsqueeze(1));
+    const Positives pos = find_positives(p, t, s, buf);
+    at::sub_out(w, s, up.row[1].narrow(0, t.i0, t.tm).unsqueeze(1)).exp_();
+    w.mul_(up.row[0].narrow(0, t.i0, t.tm).unsqueeze(1));
     if (up.has_col()) {
-      s.sub_(up.col_lse.narrow(0, t.j0, t.tn).unsqueeze(0)).exp_();
-      w.addcmul_(s, up.col_grad.narrow(0, t.j0, t.tn).unsqueeze(0));
+      s.sub_(up.col[1].narrow(0, t.j0, t.tn).unsqueeze(0)).exp_();
+      w.addcmul_(s, up.col[0].narrow(0, t.j0, t.tn).unsqueeze(0));
     }
+    set_positive_weights(p, t, up, pos, w);
     // Excluded pairs were not masked before exp (a fully excluded row has lse = -inf and would
     // give exp(-inf + inf) = NaN): whatever they hold now is overwritten.
     fill_excluded(p, t, w, 0.f);
@@ -347,8 +478,7 @@ void backward_online(const PairProblem& p, const Upstream& up, const Scratch& bu
 
 /// (da (M, D), db (N, D) or (0,)); for a symmetric problem da already holds both directions
 /// and db is (0,).
-std::pair<Tensor, Tensor> pair_lse_backward(const PairProblem& p, const Upstream& up,
-                                            bool need_db) {
+std::pair<Tensor, Tensor> pair_backward(const PairProblem& p, const Upstream& up, bool need_db) {
   const auto opts = p.a.options();
   Tensor da = at::zeros(p.a.sizes(), opts);
   Tensor db = p.symmetric ? da : (need_db ? at::zeros(p.b.sizes(), opts) : Tensor());
@@ -364,59 +494,71 @@ std::pair<Tensor, Tensor> pair_lse_backward(const PairProblem& p, const Upstream
 // ---------------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------------
-/// u (M, D), scale () -> lse (M,) fp32, self-pairs excluded.
-Tensor gram_lse_fwd(const Tensor& u, const Tensor& scale) {
+/// u (M, D), labels (M,), scale () -> stats (4, M) fp32, self-pairs excluded.
+Tensor gram_stats_fwd(const Tensor& u, const Tensor& labels, const Tensor& scale) {
   at::NoGradGuard no_grad;
   const Tensor a = features(u, "u");
+  const Tensor l = labels_of(labels, a.size(0), "labels");
   const float sc = read_scale(scale);
-  if (a.size(0) == 0) return at::empty({0}, a.options());
-  return pair_lse_forward(make_problem(a, a, sc, 0, /*symmetric=*/true), false).first;
+  if (a.size(0) == 0) return at::empty({4, 0}, a.options());
+  return pair_stats_forward(make_problem(a, a, l, l, sc, 0, /*symmetric=*/true), false).first;
 }
 
-/// u (M, D), scale (), lse (M,), grad (M,) -> du (M, D) fp32.
-Tensor gram_lse_bwd(const Tensor& u, const Tensor& scale, const Tensor& lse, const Tensor& grad) {
+/// u (M, D), labels (M,), scale (), coef (5, M) -> du (M, D) fp32.
+Tensor gram_stats_bwd(const Tensor& u, const Tensor& labels, const Tensor& scale,
+                      const Tensor& coef) {
   at::NoGradGuard no_grad;
   const Tensor a = features(u, "u");
+  const Tensor l = labels_of(labels, a.size(0), "labels");
   const float sc = read_scale(scale);
-  const Tensor l = per_row(lse, a.size(0), "lse"), g = per_row(grad, a.size(0), "grad");
+  const Tensor c = coefficients(coef, a.size(0), "coef");
   if (a.size(0) == 0) return at::zeros(a.sizes(), a.options());
-  const PairProblem p = make_problem(a, a, sc, 0, /*symmetric=*/true);
-  return pair_lse_backward(p, Upstream{l, g, l, g}, /*need_db=*/true).first;
+  const PairProblem p = make_problem(a, a, l, l, sc, 0, /*symmetric=*/true);
+  return pair_backward(p, Upstream{c, c}, /*need_db=*/true).first;
 }
 
-/// q (M, D), k (N, D), scale () -> (row_lse (M,), col_lse (N,) or (0,)) fp32, excluding the pairs
-/// j - i == diag_offset when has_diag.
-std::tuple<Tensor, Tensor> cross_lse_fwd(const Tensor& q, const Tensor& k, const Tensor& scale,
-                                         int64_t diag_offset, bool has_diag, bool with_col) {
+/// q (M, D), k (N, D), labels (M,), (N,), scale () -> (stats (4, M), column stats (4, N) or
+/// (4, 0)) fp32, excluding the pairs j - i == diag_offset when has_diag.
+std::tuple<Tensor, Tensor> cross_stats_fwd(const Tensor& q, const Tensor& k,
+                                           const Tensor& q_labels, const Tensor& k_labels,
+                                           const Tensor& scale, int64_t diag_offset, bool has_diag,
+                                           bool with_col) {
   at::NoGradGuard no_grad;
   const Tensor a = features(q, "q"), b = features(k, "k");
   check_same_dim(a, b);
+  const Tensor la = labels_of(q_labels, a.size(0), "q_labels");
+  const Tensor lb = labels_of(k_labels, b.size(0), "k_labels");
   const float sc = read_scale(scale);
   const auto opts = a.options();
-  if (a.size(0) == 0 || b.size(0) == 0) {  // empty sums: log 0 = -inf
-    return {at::full({a.size(0)}, -kInf, opts),
-            with_col ? at::full({b.size(0)}, -kInf, opts) : at::empty({0}, opts)};
+  if (a.size(0) == 0 || b.size(0) == 0) {  // empty sums: lse = -inf, nothing positive
+    const auto empty_stats = [&](int64_t n) {
+      return at::stack({at::full({n}, -kInf, opts), at::full({n}, -kInf, opts),
+                        at::zeros({n}, opts), at::zeros({n}, opts)});
+    };
+    return {empty_stats(a.size(0)), empty_stats(with_col ? b.size(0) : 0)};
   }
   const auto offset = has_diag ? std::optional<int64_t>(diag_offset) : std::nullopt;
-  const auto [row, col] = pair_lse_forward(make_problem(a, b, sc, offset, false), with_col);
+  const auto [row, col] =
+      pair_stats_forward(make_problem(a, b, la, lb, sc, offset, false), with_col);
   return {row, col};
 }
 
-/// q (M, D), k (N, D), scale (), row_lse / grad_row (M,), col_lse / grad_col (N,) when with_col
-/// (else ignored) -> (dq (M, D), dk (N, D) or (0,)) fp32.
-std::tuple<Tensor, Tensor> cross_lse_bwd(const Tensor& q, const Tensor& k, const Tensor& scale,
-                                         int64_t diag_offset, bool has_diag, const Tensor& row_lse,
-                                         const Tensor& grad_row, const Tensor& col_lse,
-                                         const Tensor& grad_col, bool with_col, bool need_dk) {
+/// q (M, D), k (N, D), labels, scale (), coef (5, M), col_coef (5, N) or (5, 0) ->
+/// (dq (M, D), dk (N, D) or (0,)) fp32.
+std::tuple<Tensor, Tensor> cross_stats_bwd(const Tensor& q, const Tensor& k,
+                                           const Tensor& q_labels, const Tensor& k_labels,
+                                           const Tensor& scale, int64_t diag_offset, bool has_diag,
+                                           const Tensor& coef, const Tensor& col_coef,
+                                           bool need_dk) {
   at::NoGradGuard no_grad;
   const Tensor a = features(q, "q"), b = features(k, "k");
   check_same_dim(a, b);
+  const Tensor la = labels_of(q_labels, a.size(0), "q_labels");
+  const Tensor lb = labels_of(k_labels, b.size(0), "k_labels");
   const float sc = read_scale(scale);
-  Upstream up{per_row(row_lse, a.size(0), "row_lse"), per_row(grad_row, a.size(0), "grad_row"),
-              Tensor(), Tensor()};
-  if (with_col) {
-    up.col_lse = per_row(col_lse, b.size(0), "col_lse");
-    up.col_grad = per_row(grad_col, b.size(0), "grad_col");
+  Upstream up{coefficients(coef, a.size(0), "coef"), Tensor()};
+  if (col_coef.size(-1) > 0 || b.size(0) == 0) {
+    up.col = coefficients(col_coef, b.size(0), "col_coef");
   }
   const auto opts = a.options();
   if (a.size(0) == 0 || b.size(0) == 0) {
@@ -424,7 +566,7 @@ std::tuple<Tensor, Tensor> cross_lse_bwd(const Tensor& q, const Tensor& k, const
     return {at::zeros(a.sizes(), opts), dk};
   }
   const auto offset = has_diag ? std::optional<int64_t>(diag_offset) : std::nullopt;
-  const auto [dq, dk] = pair_lse_backward(make_problem(a, b, sc, offset, false), up, need_dk);
+  const auto [dq, dk] = pair_backward(make_problem(a, b, la, lb, sc, offset, false), up, need_dk);
   return {dq, dk};
 }
 
@@ -473,20 +615,22 @@ std::tuple<Tensor, Tensor> bank_lse_fwd(const Tensor& q_in, const Tensor& bank_i
 void bind_contrastive(py::module_& m) {
   // The kernels run on ATen/MKL threads only and never touch Python objects: release the GIL.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("gram_lse_fwd", &gram_lse_fwd, "u (M, D), scale () -> lse (M,)", py::arg("u"),
-        py::arg("scale"), nogil);
-  m.def("gram_lse_bwd", &gram_lse_bwd, "u (M, D), scale (), lse (M,), grad (M,) -> du (M, D)",
-        py::arg("u"), py::arg("scale"), py::arg("lse"), py::arg("grad"), nogil);
-  m.def("cross_lse_fwd", &cross_lse_fwd,
-        "q (M, D), k (N, D), scale (), diag_offset, has_diag, with_col -> (row_lse, col_lse)",
-        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("diag_offset"), py::arg("has_diag"),
-        py::arg("with_col"), nogil);
+  m.def("gram_stats_fwd", &gram_stats_fwd, "u (M, D), labels (M,), scale () -> stats (4, M)",
+        py::arg("u"), py::arg("labels"), py::arg("scale"), nogil);
+  m.def("gram_stats_bwd", &gram_stats_bwd,
+        "u (M, D), labels (M,), scale (), coef (5, M) -> du (M, D)", py::arg("u"),
+        py::arg("labels"), py::arg("scale"), py::arg("coef"), nogil);
+  m.def("cross_stats_fwd", &cross_stats_fwd,
+        "q (M, D), k (N, D), q_labels, k_labels, scale (), diag_offset, has_diag, with_col -> "
+        "(stats (4, M), col_stats (4, N) or (4, 0))",
+        py::arg("q"), py::arg("k"), py::arg("q_labels"), py::arg("k_labels"), py::arg("scale"),
+        py::arg("diag_offset"), py::arg("has_diag"), py::arg("with_col"), nogil);
+  m.def("cross_stats_bwd", &cross_stats_bwd,
+        "q, k, q_labels, k_labels, scale, diag_offset, has_diag, coef (5, M), col_coef (5, N) or "
+        "(5, 0), need_dk -> (dq (M, D), dk (N, D) or (0,))",
+        py::arg("q"), py::arg("k"), py::arg("q_labels"), py::arg("k_labels"), py::arg("scale"),
+        py::arg("diag_offset"), py::arg("has_diag"), py::arg("coef"), py::arg("col_coef"),
+        py::arg("need_dk"), nogil);
   m.def("bank_lse_fwd", &bank_lse_fwd, "q (M, D), bank (K, D), scale () -> (lse (M,), mean (M, D))",
         py::arg("q"), py::arg("bank"), py::arg("scale"), nogil);
-  m.def("cross_lse_bwd", &cross_lse_bwd,
-        "q, k, scale, diag_offset, has_diag, row_lse, grad_row, col_lse, grad_col, with_col, "
-        "need_dk -> (dq (M, D), dk (N, D) or (0,))",
-        py::arg("q"), py::arg("k"), py::arg("scale"), py::arg("diag_offset"), py::arg("has_diag"),
-        py::arg("row_lse"), py::arg("grad_row"), py::arg("col_lse"), py::arg("grad_col"),
-        py::arg("with_col"), py::arg("need_dk"), nogil);
 }

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fastcl._backend import accumulation_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,20 +60,21 @@ def reduction(value: str) -> str:
     return value
 
 
-def positive_scalar(name: str, value) -> None:
-    """A float, or a 0-dim floating tensor; its value is checked unless that would cost a host
-    sync (a CUDA tensor) or a graph break (under torch.compile)."""
+def positive_scalar(name: str, value) -> Optional[float]:
+    """A float, or a 0-dim floating tensor; its value is checked (and returned) unless that would
+    cost a host sync (a CUDA tensor) or a graph break (under torch.compile): None then."""
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {value.dtype} "
                             f"tensor of shape {tuple(value.shape)}")
         if value.device.type != "cpu" or torch.compiler.is_compiling():
-            return
+            return None
         value = float(value.detach())
     elif isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
 
 
 def unit_interval(name: str, value) -> float:
@@ -82,9 +86,19 @@ def unit_interval(name: str, value) -> float:
     return float(value)
 
 
-def inverse_temperature(temperature, device: torch.device) -> Tensor:
-    """scale = 1 / temperature as a 0-dim float32 tensor on `device`, differentiable in temperature."""
-    positive_scalar("temperature", temperature)
+def inverse_temperature(temperature, like: Tensor, name: str = "temperature") -> Tensor:
+    """scale = 1 / temperature as a 0-dim tensor on like's device, in like's accumulation dtype
+    (float32; float64 for float64 inputs, so that they stay float64-exact), differentiable in a
+    tensor temperature. A CPU temperature tensor may drive inputs on any device."""
+    value = positive_scalar(name, temperature)
+    acc = accumulation_dtype(like)
+    largest = torch.finfo(acc).max
+    if value is not None and 1.0 / value > largest:
+        raise ValueError(f"{name} must be >= {1.0 / largest:.3g} so that 1 / {name} is finite in "
+                         f"{acc}, got {value:g}")
     if isinstance(temperature, Tensor):
-        return (1.0 / temperature.to(device=device, dtype=torch.float32))
-    return torch.full((), 1.0 / float(temperature), dtype=torch.float32, device=device)
+        if temperature.device.type != "cpu" and temperature.device != like.device:
+            raise ValueError(f"{name} must be on the inputs' device ({like.device}) or the CPU, "
+                             f"got {temperature.device}")
+        return 1.0 / temperature.to(device=like.device, dtype=acc)
+    return torch.full((), 1.0 / value, dtype=acc, device=like.device)

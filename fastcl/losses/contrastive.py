@@ -1,10 +1,12 @@
 """Contrastive losses: NT-Xent (SimCLR, InvaSpread), InfoNCE (MoCo, CLIP, CMC, CPC) and supervised
 contrastive (SupCon), as functions and as drop-in ``nn.Module``s.
 
-Each is ``lse(similarities) - positive term`` per anchor: the lse comes from the fused ops in
-fastcl.ops.contrastive (never materializing the similarity matrix), the O(N * D) positive terms
-from plain torch. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32 loss,
-gradients in the input dtype) or float64 (computed by the reference, for testing).
+Each is ``log-sum-exp of an anchor's similarities - its mean positive similarity``, computed whole
+(positives included) by the fused ops of fastcl.ops.contrastive, which never materialize the
+similarity matrix and keep the positives apart from the negatives so that small late-training
+losses and their gradients stay exact. Inputs may be float32, bfloat16 or float16 (fp32
+accumulation, fp32 loss, gradients rounded to the input dtype once) or float64 (computed by the
+reference in float64, for testing).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
-from fastcl.ops.contrastive import bank_lse, cross_lse, gram_lse
+from fastcl.ops.contrastive import bank_lse, cross_contrastive, exact_softplus, gram_contrastive
 
 Temperature = Union[float, Tensor]
 
@@ -64,16 +66,18 @@ def nt_xent(
     if z1.shape[0] * size < 2:
         raise ValueError(f"z1 and z2 need N >= 2 samples so that each anchor has a negative, "
                          f"got N = {z1.shape[0]}")
-    scale = _checks.inverse_temperature(temperature, z1.device)
+    scale = _checks.inverse_temperature(temperature, z1)
 
-    u1, u2 = _embed(z1, normalize), _embed(z2, normalize)
-    u = torch.cat([u1, u2])
-    positive = _row_dot(u1, u2).repeat(2) * scale
+    u = torch.cat([_embed(z1, normalize), _embed(z2, normalize)])
+    n = z1.shape[0]
+    sample = torch.arange(n, device=u.device).repeat(2)  # an anchor's label: its sample
     if size > 1:
-        lse = cross_lse(u, all_gather_with_grad(u), scale, rank * u.shape[0], False)[0]
+        every_sample = (torch.arange(size, device=u.device)[:, None] * n + sample).flatten()
+        losses = cross_contrastive(u, all_gather_with_grad(u), sample + rank * n, every_sample,
+                                   scale, rank * 2 * n, False)[0]
     else:
-        lse = gram_lse(u, scale)
-    return _reduce(lse - positive, reduction)
+        losses = gram_contrastive(u, sample, scale)[0]
+    return _reduce(losses, reduction)
 
 
 def info_nce(
@@ -97,9 +101,8 @@ def info_nce(
     """
     _checks.paired_embeddings(query=query, key=key)
     _checks.reduction(reduction)
-    scale = _checks.inverse_temperature(temperature, query.device)
+    scale = _checks.inverse_temperature(temperature, query)
     q, k = _embed(query, normalize), _embed(key, normalize)
-    positive = _row_dot(q, k) * scale
 
     if negatives is not None:
         _checks.embeddings("negatives", negatives)
@@ -114,23 +117,27 @@ def info_nce(
                              "enqueue the gathered keys instead and pass gather=False")
         # Cast the small query, never the (large) queue, when their dtypes differ.
         lse = bank_lse(q.to(negatives.dtype), negatives.detach(), scale)[0]
-        return _reduce(torch.logaddexp(positive, lse) - positive, reduction)
+        # log(exp(positive) + exp(lse)) - positive, without the cancellation of the two ~1/T terms.
+        return _reduce(exact_softplus(lse - _row_dot(q, k) * scale), reduction)
 
     rank, size = world() if gather else (0, 1)
     if query.shape[0] * size < 2:
         raise ValueError(f"query and key need N >= 2 rows for in-batch negatives, got "
                          f"N = {query.shape[0]}; pass negatives=... for a queue")
+    n = query.shape[0]
+    sample = torch.arange(n, device=q.device)  # row i of key is query i's positive
     if size > 1:
-        row_lse = cross_lse(q, all_gather_with_grad(k), scale, None, False)[0]
-        losses = row_lse - positive
+        own, every_sample = sample + rank * n, torch.arange(size * n, device=q.device)
+        losses = cross_contrastive(q, all_gather_with_grad(k), own, every_sample, scale, None,
+                                   False)[0]
         if symmetric:
-            col_lse = cross_lse(k, all_gather_with_grad(q), scale, None, False)[0]
-            losses = 0.5 * (losses + col_lse - positive)
+            key_losses = cross_contrastive(k, all_gather_with_grad(q), own, every_sample, scale,
+                                           None, False)[0]
+            losses = 0.5 * (losses + key_losses)
     else:
-        row_lse, col_lse = cross_lse(q, k, scale, None, symmetric)
-        losses = row_lse - positive
+        losses, key_losses = cross_contrastive(q, k, sample, sample, scale, None, symmetric)[:2]
         if symmetric:
-            losses = 0.5 * (losses + col_lse - positive)
+            losses = 0.5 * (losses + key_losses)
     return _reduce(losses, reduction)
 
 
@@ -149,10 +156,18 @@ def supcon(
     features: (M, D) with labels (M,), as pytorch-metric-learning; or (N, V, D) with labels (N,)
     (or None: each sample is its own class, i.e. SimCLR over V views), as the SupContrast code,
     whose anchors are ordered view-major. Positives of an anchor are all other rows with its label;
-    the denominator runs over all other rows. Anchors without a positive are left out of the mean
-    (their loss is 0 with reduction="none"). base_temperature multiplies the loss by
+    the denominator runs over all other rows. base_temperature multiplies the loss by
     temperature / base_temperature, as the SupContrast code does (it uses 0.07).
-    Equals pytorch-metric-learning's SupConLoss.
+
+    Every anchor with a positive has SupContrast's loss (and pytorch-metric-learning's); the
+    references part at three edges, and fastcl follows:
+    * an anchor without a positive (a class of one row, e.g. single-view one-member classes):
+      left out of the mean, its loss 0 with reduction="none", as pytorch-metric-learning
+      (SupContrast counts it as a 0 in its mean);
+    * a batch without any negative (one class): SupContrast's value, the log-sum-exp over the
+      positives minus their mean (>= log of their count; pytorch-metric-learning returns 0);
+    * an anchor whose loss is 0 in floating point stays in the mean, as SupContrast
+      (pytorch-metric-learning's reducer averages over non-zero losses only).
     """
     is_multiview = isinstance(features, Tensor) and features.dim() == 3
     _checks.embeddings("features", features, ndim=3 if is_multiview else 2)
@@ -169,33 +184,20 @@ def supcon(
                              "of shape (N, V, D) to use each sample as its own class")
         _check_labels(labels, features.shape[0], features)
     _checks.reduction(reduction)
-    scale = _checks.inverse_temperature(temperature, features.device)
+    scale = _checks.inverse_temperature(temperature, features)
 
     u = _embed(features, normalize)
     rank, size = world() if gather else (0, 1)
     if u.shape[0] * size < 2:
         raise ValueError(f"features need at least 2 rows, got {u.shape[0]}")
-    u_all, labels_all = u, labels
     if size > 1:
-        u_all, labels_all = all_gather_with_grad(u), all_gather_no_grad(labels)
-        lse = cross_lse(u, u_all, scale, rank * u.shape[0], False)[0]
+        losses, _, stats, _ = cross_contrastive(u, all_gather_with_grad(u), labels.long(),
+                                                all_gather_no_grad(labels.long()), scale,
+                                                rank * u.shape[0], False)
     else:
-        lse = gram_lse(u, scale)
-
-    # Sum of each anchor's positives' embeddings from per-class sums, via sort + cumsum (static
-    # shapes, so torch.compile keeps one graph; fp64 so the differences do not cancel).
-    order = torch.argsort(labels_all)
-    sorted_labels = labels_all[order].contiguous()
-    first = torch.searchsorted(sorted_labels, labels, right=False)
-    last = torch.searchsorted(sorted_labels, labels, right=True)
-    cumsum = F.pad(u_all[order].double().cumsum(0), (0, 0, 1, 0))
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u64 = u.double()
-    positive_sum = ((u64 * (cumsum[last] - cumsum[first])).sum(1) - (u64 * u64).sum(1)).to(acc)
-    num_positives = last - first - 1
-
-    has_positive = num_positives > 0
-    losses = torch.where(has_positive, lse - scale * positive_sum / num_positives.clamp(min=1), 0.0)
+        losses, stats = gram_contrastive(u, labels.long(), scale)
+    has_positive = stats[3] > 0
+    losses = torch.where(has_positive, losses, 0.0)
     if base_temperature is not None:
         _checks.positive_scalar("base_temperature", base_temperature)
         losses = losses * (1.0 / scale) / base_temperature

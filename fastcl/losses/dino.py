@@ -30,14 +30,6 @@ CENTERINGS = ("ema", "sinkhorn")
 Temperature = Union[float, Tensor]
 
 
-def _inverse_temperature(name: str, value: Temperature, device: torch.device) -> Tensor:
-    """1 / value as a 0-dim float32 tensor on `device`, without gradient (DINO never learns it)."""
-    _checks.positive_scalar(name, value)
-    if isinstance(value, Tensor):
-        return 1.0 / value.detach().to(device=device, dtype=torch.float32)
-    return torch.full((), 1.0 / float(value), dtype=torch.float32, device=device)
-
-
 def _check_crops(student: Tensor, teacher: Tensor) -> None:
     """student (S, B, K) and teacher (T, B, K) logits, T <= S, S >= 2."""
     _checks.embeddings("student", student, ndim=3)
@@ -87,8 +79,8 @@ def dino_loss(
     and lightly's DINOLoss.
     """
     _check_inputs(student, teacher, center)
-    student_scale = _inverse_temperature("student_temp", student_temp, student.device)
-    teacher_scale = _inverse_temperature("teacher_temp", teacher_temp, student.device)
+    student_scale = _checks.inverse_temperature(student_temp, student, "student_temp").detach()
+    teacher_scale = _checks.inverse_temperature(teacher_temp, student, "teacher_temp").detach()
     center = center.detach().reshape(-1)
     return ops.dino_loss(student, teacher.detach(), center, student_scale, teacher_scale)[0]
 

@@ -42,12 +42,13 @@ def nt_xent_memory(z1: Tensor, z2: Tensor, memory: Optional[Tensor],
     if memory.shape[1] != z1.shape[1]:
         raise ValueError(f"memory must have shape (K, D) with D = {z1.shape[1]} as z1, got "
                          f"{tuple(memory.shape)}")
-    scale = _checks.inverse_temperature(temperature, z1.device)
+    scale = _checks.inverse_temperature(temperature, z1)
     u1, u2 = _embed(z1, normalize), _embed(z2, normalize)
     positive = _row_dot(u1, u2).repeat(2) * scale
     u = torch.cat([u1, u2])
     memory_lse = bank_lse(u.to(memory.dtype), memory.detach(), scale)[0]
-    losses = torch.logaddexp(in_batch + positive, memory_lse.to(positive.dtype)) - positive
+    # log(exp(lse_batch) + exp(lse_memory)) - positive, without the ~1/T terms' cancellation.
+    losses = torch.logaddexp(in_batch, memory_lse.to(positive.dtype) - positive)
     return _reduce(losses, reduction)
 
 

@@ -1,23 +1,41 @@
-"""Contrastive op family: the two log-sum-exp primitives every InfoNCE-style loss is built from.
+"""Contrastive op family: the per-anchor loss of every InfoNCE-style loss, fused.
 
-Every loss of the family (NT-Xent, InfoNCE with in-batch or queue negatives, symmetric CLIP/CMC,
-supervised contrastive) is ``lse(similarities) - positive term``. The positive terms are O(N*D)
-and stay in plain torch; the O(N^2*D) part is one of these ops, which never materialize the
-similarity matrix (tiles are recomputed in backward from the inputs and the O(N) lse):
+For logits s_ij = scale <a_i, b_j> over a (M, D) and b (N, D), row and column labels, and the
+pairs j - i == diag_offset left out (the self-pairs of a Gram matrix), an anchor's positives
+P_i are the kept pairs with b_labels[j] == a_labels[i] and its negatives N_i the other kept
+pairs. Its loss is
 
-* ``fastcl::gram_lse(u, scale)``: u (M, D) -> lse (M,),
-  lse_i = log sum_{j != i} exp(scale * <u_i, u_j>). Only tiles on and above the diagonal are visited.
-* ``fastcl::cross_lse(q, k, scale, diag_offset, with_col)``: q (M, D), k (N, D) ->
-  (row_lse (M,), col_lse (N,) or (0,)); pairs with j - i == diag_offset are left out when
-  diag_offset is not None.
+    loss_i = log sum_{j in P_i + N_i} exp(s_ij) - (1 / |P_i|) sum_{j in P_i} s_ij
+
+(the second term is 0 when P_i is empty, so the loss is then the plain log-sum-exp). NT-Xent,
+InfoNCE with in-batch negatives, symmetric CLIP / CMC and SupCon are all this with different
+labels. The loss is never formed as "lse - positive" (late in training both are ~1/T and their
+difference ~1e-6 or less): the ops keep separate statistics of the positives and the negatives,
+
+    stats (4, M) = [lse_neg, lse_pos, sum_pos, count]   (log-sum-exp over N_i and over P_i, the sum
+                                                          of the positive logits and |P_i|)
+    loss_i = (lse_pos - sum_pos / count) + softplus(lse_neg - lse_pos),
+
+which is exactly 0 + log1p(sum_n exp(s_in - s_ip)) for a single positive. The backward weight of
+a pair is W_ij = g_i exp(s_ij - lse_i) for a negative and g_i ((q_ij - 1/|P_i|) - q_ij r_i) for a
+positive, with q_ij = exp(s_ij - lse_pos_i) (exactly 1 for a single positive) and
+r_i = sigmoid(lse_neg_i - lse_pos_i) the negatives' share of the softmax: the small gradient of a
+near-duplicate positive is formed from small terms, in fp32, and rounded once at the end.
+
+* ``fastcl::gram_contrastive(u, labels, scale)``: a = b = u (M, D), self-pairs left out ->
+  (loss (M,), stats (4, M)). Only tiles on and above the diagonal are visited.
+* ``fastcl::cross_contrastive(q, k, q_labels, k_labels, scale, diag_offset, with_col)``: ->
+  (row loss (M,), column loss (N,) or (0,), row stats (4, M), column stats (4, N) or (4, 0)); the
+  column losses are those of the keys as anchors against the queries (CLIP's second direction).
 * ``fastcl::bank_lse(q, bank, scale)``: q (M, D), bank (K, D) -> (lse (M,), mean (M, D)), the
   row lse over a bank of negatives (MoCo queue, memory bank) that gets no gradient, plus
   mean_i = sum_j softmax(s_i)_j bank_j, which is the whole backward (dq_i = scale g_i mean_i):
   the bank is read once, in forward.
 
-``scale`` is a 0-dim float32 tensor (1 / temperature) on the inputs' device; it receives a gradient,
-computed for free from the input gradients (the logits are linear in scale).
-Outputs are float32 (float64 for float64 inputs, which run the reference).
+``scale`` is a 0-dim tensor (1 / temperature) on the inputs' device, float32 (float64 for float64
+inputs); it receives a gradient, computed for free from the input gradients (the logits are
+linear in scale). Outputs and gradients are computed in float32 (float64 for float64 inputs,
+which run the reference) and rounded to the input dtype once.
 
 Backends, chosen per device: the C++ kernels of csrc/contrastive.cpp on CPU, the Triton kernels of
 kernels/contrastive.py on CUDA, the references below anywhere else (and for float64).
@@ -36,64 +54,111 @@ TRITON_MAX_DIM = 1024
 
 
 # ----------------------------------------------------------------------------------------------
+# Loss and backward coefficients from the statistics (every backend)
+# ----------------------------------------------------------------------------------------------
+def exact_softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)), exact at every x (torch's softplus returns x above a threshold)."""
+    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def loss_from_stats(stats: Tensor) -> Tensor:
+    """stats (4, n) = [lse_neg, lse_pos, sum_pos, count] -> loss (n,)."""
+    lse_neg, lse_pos, sum_pos, count = stats
+    with_pos = (lse_pos - sum_pos / count.clamp(min=1)) + exact_softplus(lse_neg - lse_pos)
+    return torch.where(count > 0, with_pos, lse_neg)
+
+
+def backward_coefficients(stats: Tensor, grad: Tensor) -> Tensor:
+    """stats (4, n), grad (n,) -> coef (5, n) = [g, lse, lse_pos, 1 / count (0 if none), r]:
+    all the backward kernels read per row (see the module docstring for the weights)."""
+    lse_neg, lse_pos, _, count = stats
+    lse = torch.logaddexp(lse_neg, lse_pos)
+    # r = 1 without positives (all the mass is on negatives), 0 without negatives.
+    share = torch.where(count > 0, torch.sigmoid(lse_neg - lse_pos), 1.0)
+    inv_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
+    return torch.stack([grad.to(stats.dtype), lse, lse_pos, inv_count, share])
+
+
+# ----------------------------------------------------------------------------------------------
 # References: plain PyTorch, materialize the similarity matrix. The truth in tests.
 # ----------------------------------------------------------------------------------------------
-def _pair_mask(m: int, n: int, diag_offset: Optional[int], device) -> Optional[Tensor]:
-    """(m, n) bool mask of the excluded pairs j - i == diag_offset, or None."""
-    if diag_offset is None:
-        return None
-    rows = torch.arange(m, device=device)[:, None]
-    cols = torch.arange(n, device=device)[None, :]
-    return cols - rows == diag_offset
+def _pair_masks(a_labels: Tensor, b_labels: Tensor, diag_offset: Optional[int]):
+    """(positive, negative) (m, n) bool masks; excluded pairs are in neither."""
+    positive = a_labels[:, None] == b_labels[None, :]
+    kept = torch.ones_like(positive)
+    if diag_offset is not None:
+        rows = torch.arange(a_labels.shape[0], device=a_labels.device)[:, None]
+        cols = torch.arange(b_labels.shape[0], device=a_labels.device)[None, :]
+        kept = cols - rows != diag_offset
+    return positive & kept, ~positive & kept
 
 
-def _logits_ref(a: Tensor, b: Tensor, scale: Tensor, diag_offset: Optional[int]) -> Tensor:
+def _logits_ref(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
     acc = accumulation_dtype(a)
-    s = (a.to(acc) @ b.to(acc).T) * scale.to(acc)
-    mask = _pair_mask(a.shape[0], b.shape[0], diag_offset, a.device)
-    return s if mask is None else s.masked_fill(mask, float("-inf"))
+    return (a.to(acc) @ b.to(acc).T) * scale.to(acc)
 
 
-def gram_lse_ref(u: Tensor, scale: Tensor) -> Tensor:
-    """u: (M, D), scale: () -> lse (M,) with lse_i = logsumexp_{j != i} scale <u_i, u_j>."""
-    return torch.logsumexp(_logits_ref(u, u, scale, 0), dim=1)
+def _stats_ref(s: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    """Row statistics (4, m) of the logits s (m, n)."""
+    lse_neg = torch.logsumexp(s.masked_fill(~negative, float("-inf")), dim=1)
+    lse_pos = torch.logsumexp(s.masked_fill(~positive, float("-inf")), dim=1)
+    sum_pos = torch.where(positive, s, 0.0).sum(1)
+    return torch.stack([lse_neg, lse_pos, sum_pos, positive.sum(1).to(s.dtype)])
 
 
-def gram_lse_backward_ref(u: Tensor, scale: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    """du (M, D) = scale * W u with W_ij = g_i P_ij + g_j P_ji, P_ij = exp(s_ij - lse_i)."""
-    acc = accumulation_dtype(u)
-    w = grad.to(acc)[:, None] * torch.exp(_logits_ref(u, u, scale, 0) - lse.to(acc)[:, None])
-    return (w + w.T) @ u.to(acc) * scale.to(acc)
+def _weights_ref(s: Tensor, positive: Tensor, negative: Tensor, coef: Tensor) -> Tensor:
+    """W (m, n) of the rows of s with coefficients coef (5, m)."""
+    grad, lse, lse_pos, inv_count, share = (c[:, None] for c in coef)
+    single = inv_count == 1
+    q = torch.where(single, 1.0, torch.exp(s - torch.where(single, 0.0, lse_pos)))
+    w_pos = (q - inv_count) - q * share
+    w = torch.where(negative, torch.exp(s - lse), 0.0) + torch.where(positive, w_pos, 0.0)
+    return grad * w
 
 
-def cross_lse_ref(
-    q: Tensor, k: Tensor, scale: Tensor, diag_offset: Optional[int], with_col: bool
+def cross_contrastive_ref(
+    q: Tensor, k: Tensor, q_labels: Tensor, k_labels: Tensor, scale: Tensor,
+    diag_offset: Optional[int], with_col: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q (M, D), k (N, D) -> (loss (M,), col loss (N,) or (0,), stats (4, M), col stats)."""
+    s = _logits_ref(q, k, scale)
+    positive, negative = _pair_masks(q_labels, k_labels, diag_offset)
+    stats = _stats_ref(s, positive, negative)
+    col_stats = _stats_ref(s.T, positive.T, negative.T) if with_col else s.new_empty(4, 0)
+    return loss_from_stats(stats), loss_from_stats(col_stats), stats, col_stats
+
+
+def cross_contrastive_backward_ref(
+    q: Tensor, k: Tensor, q_labels: Tensor, k_labels: Tensor, scale: Tensor,
+    diag_offset: Optional[int], coef: Tensor, col_coef: Tensor, need_dk: bool,
 ) -> tuple[Tensor, Tensor]:
-    """q: (M, D), k: (N, D) -> (row_lse (M,), col_lse (N,) if with_col else (0,))."""
-    s = _logits_ref(q, k, scale, diag_offset)
-    col = torch.logsumexp(s, dim=0) if with_col else s.new_empty(0)
-    return torch.logsumexp(s, dim=1), col
-
-
-def cross_lse_backward_ref(
-    q: Tensor, k: Tensor, scale: Tensor, diag_offset: Optional[int],
-    row_lse: Tensor, grad_row: Tensor, col_lse: Tensor, grad_col: Tensor, need_dk: bool,
-) -> tuple[Tensor, Tensor]:
-    """(dq (M, D), dk (N, D) or (0,)) with W_ij = gr_i exp(s_ij - lr_i) + gc_j exp(s_ij - lc_j)."""
-    acc = accumulation_dtype(q)
-    s = _logits_ref(q, k, scale, diag_offset)
-    w = grad_row.to(acc)[:, None] * torch.exp(s - row_lse.to(acc)[:, None])
-    if col_lse.numel():
-        w = w + grad_col.to(acc)[None, :] * torch.exp(s - col_lse.to(acc)[None, :])
-    scale = scale.to(acc)
-    dq = w @ k.to(acc) * scale
-    dk = w.T @ q.to(acc) * scale if need_dk else dq.new_empty(0)
+    """(dq (M, D), dk (N, D) or (0,)) for row coefficients (5, M), column ones (5, N) or (5, 0)."""
+    s = _logits_ref(q, k, scale)
+    positive, negative = _pair_masks(q_labels, k_labels, diag_offset)
+    w = _weights_ref(s, positive, negative, coef)
+    if col_coef.shape[1]:
+        w = w + _weights_ref(s.T, positive.T, negative.T, col_coef).T
+    scale = scale.to(s.dtype)
+    dq = w @ k.to(s.dtype) * scale
+    dk = w.T @ q.to(s.dtype) * scale if need_dk else dq.new_empty(0)
     return dq, dk
+
+
+def gram_contrastive_ref(u: Tensor, labels: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """u (M, D), labels (M,) -> (loss (M,), stats (4, M)), self-pairs left out."""
+    loss, _, stats, _ = cross_contrastive_ref(u, u, labels, labels, scale, 0, False)
+    return loss, stats
+
+
+def gram_contrastive_backward_ref(u: Tensor, labels: Tensor, scale: Tensor, coef: Tensor) -> Tensor:
+    """du (M, D) = scale (W + W^T) u."""
+    dq, dk = cross_contrastive_backward_ref(u, u, labels, labels, scale, 0, coef, coef[:, :0], True)
+    return dq + dk
 
 
 def bank_lse_ref(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """q: (M, D), bank: (K, D) -> (lse (M,), mean (M, D) = softmax(s) @ bank)."""
-    s = _logits_ref(q, bank, scale, None)
+    s = _logits_ref(q, bank, scale)
     return torch.logsumexp(s, dim=1), torch.softmax(s, dim=1) @ bank.to(s.dtype)
 
 
@@ -108,121 +173,142 @@ def _split_offset(diag_offset: Optional[int]) -> tuple[int, bool]:
     return (0, False) if diag_offset is None else (diag_offset, True)
 
 
+def _float_scale(scale: Tensor, x: Tensor) -> Tensor:
+    """The scale in the accumulation dtype the kernels read."""
+    return scale.to(accumulation_dtype(x))
+
+
 # ----------------------------------------------------------------------------------------------
-# fastcl::gram_lse
+# fastcl::gram_contrastive
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastcl::gram_lse", mutates_args=())
-def gram_lse(u: Tensor, scale: Tensor) -> Tensor:
-    """u: (M, D), scale: () float32 -> lse (M,), self-pairs excluded."""
-    kernels = _kernels(u)
-    return gram_lse_ref(u, scale) if kernels is None else kernels.gram_lse_fwd(u, scale)
-
-
-@gram_lse.register_fake
-def _(u, scale):
-    return u.new_empty(u.shape[0], dtype=accumulation_dtype(u))
-
-
-@torch.library.custom_op("fastcl::gram_lse_backward", mutates_args=())
-def gram_lse_backward(u: Tensor, scale: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    """Gradient of sum(grad * gram_lse(u, scale)) with respect to u: (M, D), float32."""
+@torch.library.custom_op("fastcl::gram_contrastive", mutates_args=())
+def gram_contrastive(u: Tensor, labels: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """u (M, D), labels (M,) int64, scale () -> (loss (M,), stats (4, M)), self-pairs left out."""
     kernels = _kernels(u)
     if kernels is None:
-        return gram_lse_backward_ref(u, scale, lse, grad)
-    return kernels.gram_lse_bwd(u, scale, lse, grad)
+        return gram_contrastive_ref(u, labels, scale)
+    stats = kernels.gram_stats_fwd(u, labels, _float_scale(scale, u))
+    return loss_from_stats(stats), stats
 
 
-@gram_lse_backward.register_fake
-def _(u, scale, lse, grad):
+@gram_contrastive.register_fake
+def _(u, labels, scale):
+    acc = accumulation_dtype(u)
+    return u.new_empty(u.shape[0], dtype=acc), u.new_empty(4, u.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fastcl::gram_contrastive_backward", mutates_args=())
+def gram_contrastive_backward(u: Tensor, labels: Tensor, scale: Tensor, coef: Tensor) -> Tensor:
+    """du (M, D) in the accumulation dtype, for backward coefficients coef (5, M)."""
+    kernels = _kernels(u)
+    if kernels is None:
+        return gram_contrastive_backward_ref(u, labels, scale, coef)
+    return kernels.gram_stats_bwd(u, labels, _float_scale(scale, u), coef)
+
+
+@gram_contrastive_backward.register_fake
+def _(u, labels, scale, coef):
     return u.new_empty(u.shape, dtype=accumulation_dtype(u))
 
 
-def _gram_lse_setup(ctx, inputs, output):
-    u, scale = inputs
-    ctx.save_for_backward(u, scale, output)
+def _gram_setup(ctx, inputs, output):
+    u, labels, scale = inputs
+    ctx.save_for_backward(u, labels, scale, output[1])
 
 
-def _gram_lse_grad(ctx, grad):
-    u, scale, lse = ctx.saved_tensors
-    du = gram_lse_backward(u, scale, lse, grad)
+def _gram_grad(ctx, grad, _grad_stats):
+    u, labels, scale, stats = ctx.saved_tensors
+    if grad is None:
+        grad = torch.zeros_like(stats[0])
+    du = gram_contrastive_backward(u, labels, scale, backward_coefficients(stats, grad))
     dscale = None
-    if ctx.needs_input_grad[1]:
-        # sum_i <du_i, u_i> = 2 scale * d(sum grad * lse)/dscale, since W is symmetric.
-        dscale = ((du * u.to(du.dtype)).sum() / (2 * scale)).to(scale.dtype)
-    return du.to(u.dtype), dscale
+    if ctx.needs_input_grad[2]:
+        # sum_i <du_i, u_i> = 2 scale * d(loss)/dscale: the logits are linear in scale, W + W^T
+        # is symmetric.
+        dscale = ((du * u.to(du.dtype)).sum() / (2 * scale.to(du.dtype))).to(scale.dtype)
+    return du.to(u.dtype), None, dscale
 
 
-gram_lse.register_autograd(_gram_lse_grad, setup_context=_gram_lse_setup)
+gram_contrastive.register_autograd(_gram_grad, setup_context=_gram_setup)
 
 
 # ----------------------------------------------------------------------------------------------
-# fastcl::cross_lse
+# fastcl::cross_contrastive
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastcl::cross_lse", mutates_args=())
-def cross_lse(
-    q: Tensor, k: Tensor, scale: Tensor, diag_offset: Optional[int], with_col: bool
-) -> tuple[Tensor, Tensor]:
-    """q: (M, D), k: (N, D), scale: () -> (row_lse (M,), col_lse (N,) or (0,))."""
+@torch.library.custom_op("fastcl::cross_contrastive", mutates_args=())
+def cross_contrastive(
+    q: Tensor, k: Tensor, q_labels: Tensor, k_labels: Tensor, scale: Tensor,
+    diag_offset: Optional[int], with_col: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q (M, D), k (N, D), labels (M,), (N,) int64, scale () -> (loss (M,), col loss (N,) or (0,),
+    stats (4, M), col stats (4, N) or (4, 0)); pairs j - i == diag_offset left out."""
     kernels = _kernels(q)
     if kernels is None:
-        return cross_lse_ref(q, k, scale, diag_offset, with_col)
-    return kernels.cross_lse_fwd(q, k, scale, *_split_offset(diag_offset), with_col)
+        return cross_contrastive_ref(q, k, q_labels, k_labels, scale, diag_offset, with_col)
+    stats, col_stats = kernels.cross_stats_fwd(
+        q, k, q_labels, k_labels, _float_scale(scale, q), *_split_offset(diag_offset), with_col
+    )
+    return loss_from_stats(stats), loss_from_stats(col_stats), stats, col_stats
 
 
-@cross_lse.register_fake
-def _(q, k, scale, diag_offset, with_col):
+@cross_contrastive.register_fake
+def _(q, k, q_labels, k_labels, scale, diag_offset, with_col):
     acc = accumulation_dtype(q)
-    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(k.shape[0] if with_col else 0, dtype=acc)
+    n = k.shape[0] if with_col else 0
+    return (q.new_empty(q.shape[0], dtype=acc), q.new_empty(n, dtype=acc),
+            q.new_empty(4, q.shape[0], dtype=acc), q.new_empty(4, n, dtype=acc))
 
 
-@torch.library.custom_op("fastcl::cross_lse_backward", mutates_args=())
-def cross_lse_backward(
-    q: Tensor, k: Tensor, scale: Tensor, diag_offset: Optional[int],
-    row_lse: Tensor, grad_row: Tensor, col_lse: Tensor, grad_col: Tensor, need_dk: bool,
+@torch.library.custom_op("fastcl::cross_contrastive_backward", mutates_args=())
+def cross_contrastive_backward(
+    q: Tensor, k: Tensor, q_labels: Tensor, k_labels: Tensor, scale: Tensor,
+    diag_offset: Optional[int], coef: Tensor, col_coef: Tensor, need_dk: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Gradients (dq (M, D), dk (N, D) or (0,)) of sum(grad_row * row_lse + grad_col * col_lse)."""
+    """(dq (M, D), dk (N, D) or (0,)) in the accumulation dtype, for row coefficients (5, M) and
+    column coefficients (5, N) (or (5, 0): the column losses did not reach the loss)."""
     kernels = _kernels(q)
     if kernels is None:
-        return cross_lse_backward_ref(
-            q, k, scale, diag_offset, row_lse, grad_row, col_lse, grad_col, need_dk
+        return cross_contrastive_backward_ref(
+            q, k, q_labels, k_labels, scale, diag_offset, coef, col_coef, need_dk
         )
-    offset, has_diag = _split_offset(diag_offset)
-    return kernels.cross_lse_bwd(
-        q, k, scale, offset, has_diag, row_lse, grad_row, col_lse, grad_col,
-        col_lse.numel() > 0, need_dk,
+    return kernels.cross_stats_bwd(
+        q, k, q_labels, k_labels, _float_scale(scale, q), *_split_offset(diag_offset), coef,
+        col_coef, need_dk,
     )
 
 
-@cross_lse_backward.register_fake
-def _(q, k, scale, diag_offset, row_lse, grad_row, col_lse, grad_col, need_dk):
+@cross_contrastive_backward.register_fake
+def _(q, k, q_labels, k_labels, scale, diag_offset, coef, col_coef, need_dk):
     acc = accumulation_dtype(q)
     return q.new_empty(q.shape, dtype=acc), q.new_empty(k.shape if need_dk else (0,), dtype=acc)
 
 
-def _cross_lse_setup(ctx, inputs, output):
-    q, k, scale, diag_offset, _ = inputs
+def _cross_setup(ctx, inputs, output):
+    q, k, q_labels, k_labels, scale, diag_offset, _ = inputs
     ctx.diag_offset = diag_offset
-    ctx.save_for_backward(q, k, scale, *output)
+    ctx.save_for_backward(q, k, q_labels, k_labels, scale, output[2], output[3])
 
 
-def _cross_lse_grad(ctx, grad_row, grad_col):
-    q, k, scale, row_lse, col_lse = ctx.saved_tensors
-    # An output that did not reach the loss has no gradient.
-    grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
-    grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
-    dq, dk = cross_lse_backward(
-        q, k, scale, ctx.diag_offset, row_lse, grad_row, col_lse, grad_col, ctx.needs_input_grad[1]
+def _cross_grad(ctx, grad, grad_col, _grad_stats, _grad_col_stats):
+    q, k, q_labels, k_labels, scale, stats, col_stats = ctx.saved_tensors
+    grad = torch.zeros_like(stats[0]) if grad is None else grad
+    # Column losses that did not reach the loss cost nothing in backward.
+    col_coef = (col_stats.new_empty(5, 0) if grad_col is None or not col_stats.shape[1]
+                else backward_coefficients(col_stats, grad_col))
+    dq, dk = cross_contrastive_backward(
+        q, k, q_labels, k_labels, scale, ctx.diag_offset, backward_coefficients(stats, grad),
+        col_coef, ctx.needs_input_grad[1],
     )
     dscale = None
-    if ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[4]:
         # sum_i <dq_i, q_i> = scale * d(loss)/dscale: the logits are linear in scale.
-        dscale = ((dq * q.to(dq.dtype)).sum() / scale).to(scale.dtype)
+        dscale = ((dq * q.to(dq.dtype)).sum() / scale.to(dq.dtype)).to(scale.dtype)
     dq = dq.to(q.dtype) if ctx.needs_input_grad[0] else None
     dk = dk.to(k.dtype) if ctx.needs_input_grad[1] else None
-    return dq, dk, dscale, None, None
+    return dq, dk, None, None, dscale, None, None
 
 
-cross_lse.register_autograd(_cross_lse_grad, setup_context=_cross_lse_setup)
+cross_contrastive.register_autograd(_cross_grad, setup_context=_cross_setup)
 
 
 # ----------------------------------------------------------------------------------------------
