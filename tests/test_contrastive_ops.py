@@ -1,15 +1,18 @@
-"""fastcl::gram_lse and fastcl::cross_lse on every backend against the float64 reference:
-outputs and the gradients of every input (scale included) under a random upstream gradient."""
+"""fastcl::gram_contrastive and fastcl::cross_contrastive on every backend against the float64
+reference: losses, statistics and the gradients of every input (scale included) under a random
+upstream gradient, with labels that repeat (several positives), never match (none) or are unique."""
 import pytest
 import torch
 
 from fastcl.ops.contrastive import (
     bank_lse,
+    backward_coefficients,
+    bank_lse,
     bank_lse_ref,
-    cross_lse,
-    cross_lse_ref,
-    gram_lse,
-    gram_lse_ref,
+    cross_contrastive,
+    cross_contrastive_ref,
+    gram_contrastive,
+    gram_contrastive_ref,
 )
 
 # fp32 kernels vs the float64 truth; 16-bit inputs are rounded first, so only accumulation differs.
@@ -21,35 +24,52 @@ def unit_rows(m, d, device, dtype=torch.float32, norm=1.0):
     return (norm * x / x.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
 
 
+def random_labels(m, kind, device):
+    """'repeat': classes of a few rows; 'unique': no two rows alike; 'pairs': two views of m/2."""
+    if kind == "repeat":
+        return torch.randint(0, m // 3 + 1, (m,), device=device)
+    if kind == "pairs":
+        return torch.arange(m, device=device) % ((m + 1) // 2)
+    return torch.randperm(m, device=device)
+
+
 def assert_close(actual, expected, tol, what):
     expected = expected.to(torch.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     if not expected.numel():
         return
-    err = (actual.double().cpu() - expected.cpu()).abs().max().item()
-    scale = expected.abs().max().item() + 1e-12
+    both_inf = torch.isinf(expected.cpu()) & (actual.double().cpu() == expected.cpu())
+    err = (actual.double().cpu() - expected.cpu()).abs().masked_fill(both_inf, 0).max().item()
+    scale = expected.cpu().masked_fill(torch.isinf(expected.cpu()), 0).abs().max().item() + 1e-12
     assert err <= tol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 def run_and_grad(fn, inputs, upstream):
-    """Outputs of fn(*inputs) and the gradients of sum(upstream * outputs) w.r.t. every input."""
-    inputs = [x.detach().requires_grad_(True) for x in inputs]
+    """Outputs of fn(*inputs) and the gradients of sum(upstream * outputs) w.r.t. every floating
+    input (integer inputs, the labels, get None)."""
+    inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     total = sum((o * g).sum() for o, g in zip(outputs, upstream) if o.numel())
-    return outputs, torch.autograd.grad(total, inputs)
+    wanted = [x for x in inputs if x.requires_grad]
+    return outputs, torch.autograd.grad(total, wanted)
 
 
 @pytest.mark.parametrize("m,d", [(2, 1), (3, 60), (127, 257), (300, 16)])
 @pytest.mark.parametrize("temperature,norm", [(0.5, 1.0), (0.07, 1.0), (0.01, 1.0), (1.0, 6.0)])
-def test_gram_lse(backend, m, d, temperature, norm):
+@pytest.mark.parametrize("labels", ["repeat", "unique", "pairs"])
+def test_gram_contrastive(backend, m, d, temperature, norm, labels):
     u = unit_rows(m, d, backend, norm=norm)
+    y = random_labels(m, labels, backend)
     scale = torch.tensor(1.0 / temperature, device=backend)
     upstream = [torch.randn(m, dtype=torch.float64, device=backend)]
-    (lse,), (du, dscale) = run_and_grad(gram_lse, [u, scale], [upstream[0].float()])
-    (lse64,), (du64, dscale64) = run_and_grad(gram_lse_ref, [u.double(), scale.double()], upstream)
-    assert lse.dtype == torch.float32 and du.dtype == u.dtype
-    assert_close(lse, lse64, 2e-5, "lse")
+    (loss, stats), (du, dscale) = run_and_grad(gram_contrastive, [u, y, scale],
+                                               [upstream[0].float()])
+    (loss64, stats64), (du64, dscale64) = run_and_grad(
+        gram_contrastive_ref, [u.double(), y, scale.double()], upstream)
+    assert loss.dtype == torch.float32 and du.dtype == u.dtype
+    assert_close(loss, loss64, 2e-5, "loss")
+    assert_close(stats, stats64, 2e-5, "stats")
     assert_close(du, du64, 2e-5, "du")
     assert_close(dscale, dscale64, 2e-5, "dscale")
 
@@ -57,22 +77,27 @@ def test_gram_lse(backend, m, d, temperature, norm):
 @pytest.mark.parametrize("m,n,d", [(2, 5, 1), (3, 3, 60), (127, 70, 257), (65, 300, 16)])
 @pytest.mark.parametrize("diag_offset", [None, 0, 2, -1, 1000])
 @pytest.mark.parametrize("with_col", [False, True])
-def test_cross_lse(backend, m, n, d, diag_offset, with_col):
+@pytest.mark.parametrize("labels", ["repeat", "unique"])
+def test_cross_contrastive(backend, m, n, d, diag_offset, with_col, labels):
     q, k = unit_rows(m, d, backend), unit_rows(n, d, backend)
+    # "unique": row i's positive is column i (CLIP), where that column exists.
+    yq, yk = random_labels(m, labels, backend), random_labels(n, labels, backend)
+    if labels == "unique":
+        yq, yk = torch.arange(m, device=backend), torch.arange(n, device=backend)
     scale = torch.tensor(1 / 0.07, device=backend)
     upstream = [torch.randn(m, dtype=torch.float64, device=backend),
                 torch.randn(n, dtype=torch.float64, device=backend)]
 
     def fused(q, k, scale):
-        return cross_lse(q, k, scale, diag_offset, with_col)
+        return cross_contrastive(q, k, yq, yk, scale, diag_offset, with_col)
 
     def reference(q, k, scale):
-        return cross_lse_ref(q, k, scale, diag_offset, with_col)
+        return cross_contrastive_ref(q, k, yq, yk, scale, diag_offset, with_col)
 
     outs, grads = run_and_grad(fused, [q, k, scale], [g.float() for g in upstream])
     outs64, grads64 = run_and_grad(reference, [q.double(), k.double(), scale.double()], upstream)
     assert outs[1].shape == ((n,) if with_col else (0,))
-    for name, a, b in zip(["row_lse", "col_lse"], outs, outs64):
+    for name, a, b in zip(["loss", "col_loss", "stats", "col_stats"], outs, outs64):
         assert_close(a, b, 2e-5, name)
     for name, a, b in zip(["dq", "dk", "dscale"], grads, grads64):
         assert_close(a, b, 2e-5, name)
@@ -86,33 +111,53 @@ def test_half_inputs_accumulate_in_fp32(backend, dtype):
         if cpu_backend_name() == "triton":
             pytest.skip("the Triton interpreter has no bfloat16 dot")
     u = unit_rows(70, 33, backend, dtype)
+    y = random_labels(70, "pairs", backend)
     scale = torch.tensor(1 / 0.07, device=backend)
     upstream = torch.randn(70, device=backend)
-    (lse,), (du, _) = run_and_grad(gram_lse, [u, scale], [upstream])
-    (lse64,), (du64, _) = run_and_grad(gram_lse_ref, [u.double(), scale.double()], [upstream.double()])
-    assert lse.dtype == torch.float32 and du.dtype == dtype
-    assert_close(lse, lse64, TOL[dtype], "lse")
+    (loss, _), (du, _) = run_and_grad(gram_contrastive, [u, y, scale], [upstream])
+    (loss64, _), (du64, _) = run_and_grad(gram_contrastive_ref, [u.double(), y, scale.double()],
+                                          [upstream.double()])
+    assert loss.dtype == torch.float32 and du.dtype == dtype
+    assert_close(loss, loss64, TOL[dtype], "loss")
     assert_close(du, du64, 1e-2, "du")  # du is rounded to the input dtype
+
+
+def test_single_positive_loss_is_exact_when_small(backend):
+    """One positive per anchor, far ahead of the negatives (late training): the loss is
+    log1p(sum_n exp(s_n - s_p)), 1e-10 to 1e-4 here, which "lse - positive" in fp32 would get as 0
+    or +-1e-6."""
+    u = unit_rows(40, 16, backend)
+    u = torch.cat([u, u + 1e-3 * unit_rows(40, 16, backend)])
+    y = torch.arange(80, device=backend) % 40
+    scale = torch.tensor(1 / 0.03, device=backend)
+    loss, _ = gram_contrastive(u, y, scale)
+    loss64, _ = gram_contrastive_ref(u.double(), y, scale.double())
+    assert loss64.max() < 1e-3 and loss64.min() < 1e-8
+    assert (loss >= 0).all()
+    assert ((loss.double() - loss64).abs() / loss64).max() < 1e-4
 
 
 def test_nan_propagates(backend):
     u = unit_rows(20, 8, backend)
     u[3, 2] = float("nan")
-    lse = gram_lse(u, torch.tensor(2.0, device=backend))
-    assert torch.isnan(lse).any()
+    loss, _ = gram_contrastive(u, torch.arange(20, device=backend) % 10,
+                               torch.tensor(2.0, device=backend))
+    assert torch.isnan(loss).any()
 
 
 def test_opcheck():
     u = unit_rows(19, 5, "cpu").requires_grad_()
     q, k = unit_rows(7, 5, "cpu").requires_grad_(), unit_rows(11, 5, "cpu").requires_grad_()
+    y, yq, yk = torch.arange(19) % 7, torch.arange(7), torch.arange(11) % 5
     scale = torch.tensor(3.0, requires_grad=True)
-    torch.library.opcheck(gram_lse, (u, scale))
-    torch.library.opcheck(cross_lse, (q, k, scale, 1, True))
-    torch.library.opcheck(cross_lse, (q, k, scale, None, False))
+    torch.library.opcheck(gram_contrastive, (u, y, scale))
+    torch.library.opcheck(cross_contrastive, (q, k, yq, yk, scale, 1, True))
+    torch.library.opcheck(cross_contrastive, (q, k, yq, yk, scale, None, False))
     torch.library.opcheck(bank_lse, (q, k.detach(), scale))
-    lse = gram_lse(u, scale).detach()
-    torch.library.opcheck(torch.ops.fastcl.gram_lse_backward, (u.detach(), scale.detach(), lse,
-                                                               torch.randn(19)))
+    stats = gram_contrastive(u, y, scale)[1].detach()
+    coef = backward_coefficients(stats, torch.randn(19))
+    torch.library.opcheck(torch.ops.fastcl.gram_contrastive_backward,
+                          (u.detach(), y, scale.detach(), coef))
 
 
 def _available_gib():
@@ -123,7 +168,7 @@ def _available_gib():
 
 
 @pytest.mark.skipif(_available_gib() < 14, reason="needs ~9 GiB of free memory")
-def test_cross_lse_64bit_offsets():
+def test_cross_contrastive_64bit_offsets():
     """k with N * D > 2**31 elements: a periodic k (one block repeated) gives an exact analytic
     reference, and the excluded pair sits at the very last element of the matrix."""
     block = unit_rows(1024, 128, "cpu").double()
@@ -133,7 +178,9 @@ def test_cross_lse_64bit_offsets():
     assert k.numel() > 2**31
     q = unit_rows(2, 128, "cpu").requires_grad_()
     scale = torch.tensor(1 / 0.07)
-    row_lse, _ = cross_lse(q, k, scale, n - 1, False)  # leaves out (0, n - 1) only
+    # No positives (labels never match): the loss is the lse over all kept pairs.
+    row_lse = cross_contrastive(q, k, torch.ones(2, dtype=torch.long),
+                                torch.zeros(n, dtype=torch.long), scale, n - 1, False)[0]
     (dq,) = torch.autograd.grad(row_lse.sum(), q)
 
     s = scale.double() * q.detach().double() @ block.T  # (2, 1024): one period
@@ -161,7 +208,7 @@ def test_bank_lse(backend, m, k, d, temperature, norm):
         return bank_lse(q, bank, scale)[0]
 
     def reference(q, scale):
-        return cross_lse_ref(q, bank.double(), scale, None, False)[0]
+        return torch.logsumexp(scale * q @ bank.double().T, dim=1)
 
     (lse,), grads = run_and_grad(fused, [q, scale], [upstream[0].float()])
     (lse64,), grads64 = run_and_grad(reference, [q.double(), scale.double()], upstream)
