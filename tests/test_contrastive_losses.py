@@ -231,6 +231,61 @@ def test_equals_pytorch_metric_learning_supcon():
     assert_close(supcon(feats.float(), labels, 0.1), theirs, 1e-5, "SupConLoss")
 
 
+def supcontrast_loss(features, labels, temperature):
+    """SupContrast's SupConLoss.forward (HobbitLong/SupContrast, losses.py), retyped for (N, V, D)
+    features in its contrast_mode "all", base_temperature = temperature."""
+    n, views = features.shape[:2]
+    mask = (labels[:, None] == labels[None, :]).double().repeat(views, views)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    logits_mask = 1 - torch.eye(n * views, dtype=torch.float64)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    pairs = torch.where(mask.sum(1) < 1e-6, 1, mask.sum(1))
+    return -((mask * log_prob).sum(1) / pairs).view(views, n).mean()
+
+
+def test_supcon_edge_without_positive_follows_pml():
+    """An anchor alone in its class (single view, one member) is left out of the mean, as
+    pytorch-metric-learning does; SupContrast would count it as a 0."""
+    feats = torch.nn.functional.normalize(torch.randn(12, 1, 16, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 5])  # 4 and 5 have one member
+    ours = supcon(feats, labels, 0.1)
+    pml_value = pml.SupConLoss(temperature=0.1)(feats[:, 0], labels)
+    assert_close(ours, pml_value, 1e-12, "PML")
+    with_zeros = supcontrast_loss(feats, labels, 0.1)
+    assert_close(with_zeros, ours * 10 / 12, 1e-12, "SupContrast counts the two as zeros")
+
+
+def test_supcon_edge_without_negative_follows_supcontrast():
+    """A batch of one class: SupContrast's value (the lse over the positives minus their mean,
+    > 0); pytorch-metric-learning returns 0 for a batch without negative pairs."""
+    feats = torch.nn.functional.normalize(torch.randn(6, 2, 16, dtype=torch.float64), dim=-1)
+    labels = torch.zeros(6, dtype=torch.long)
+    ours = supcon(feats, labels, 0.1)
+    assert_close(ours, supcontrast_loss(feats, labels, 0.1), 1e-12, "SupContrast")
+    assert ours > 0
+    assert pml.SupConLoss(temperature=0.1)(feats.transpose(0, 1).reshape(12, 16),
+                                           labels.repeat(2)) == 0
+
+
+def test_supcon_edge_zero_losses_stay_in_the_mean():
+    """Anchors whose loss is 0 in floating point count in the mean, as SupContrast; PML's reducer
+    averages the non-zero losses only, so its mean is larger here."""
+    feats = torch.nn.functional.normalize(torch.randn(16, 2, 32, dtype=torch.float64), dim=-1)
+    feats[8:, 1] = feats[8:, 0]  # identical views: at T = 0.005 their loss underflows to 0
+    feats[:8, 1] = torch.nn.functional.normalize(feats[:8, 0] + 0.5 * torch.randn(8, 32), dim=-1)
+    labels = torch.arange(16)
+    ours = supcon(feats, labels, 0.005, reduction="none").view(2, 16)  # view-major anchors
+    assert ours[:, 8:].max() < 1e-40  # exact and tiny, where PML's float64 gives exactly 0
+    mean = supcon(feats, labels, 0.005)
+    assert_close(mean, supcontrast_loss(feats, labels, 0.005), 1e-12, "SupContrast")
+    flat = feats.transpose(0, 1).reshape(32, 32)
+    assert pml.SupConLoss(temperature=0.005)(flat, labels.repeat(2)) > mean * 1.5
+
+
 def test_equals_lightly_ntxent_formula():
     """lightly's NTXentLoss: four N x N einsums, diagonals dropped, cross-entropy on index 0..."""
     z1, z2 = torch.randn(30, 16, dtype=torch.float64), torch.randn(30, 16, dtype=torch.float64)
