@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from conftest import run_on_ranks
 from fastcl import info_nce, nt_xent, supcon
+from fastcl.losses.invaspread import invaspread
 
 WORLD, N, D = 2, 6, 10
 
@@ -20,6 +21,7 @@ def _losses():
                                                  reduction="sum", gather=g),
         "supcon": lambda a, b, y, g: supcon(a + b, y, 0.1, reduction="sum", gather=g),
         "nt_xent_mean": lambda a, b, y, g: nt_xent(a, b, 0.3, gather=g),
+        "invaspread": lambda a, b, y, g: invaspread(a, b, 0.2, reduction="sum", gather=g),
     }
 
 

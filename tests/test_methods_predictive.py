@@ -85,6 +85,53 @@ def test_invaspread_low_precision(dtype, tol):
     assert z1.grad.dtype == dtype and torch.isfinite(z1.grad.float()).all()
 
 
+def _assert_invaspread_matches_float64(z1, z2, temperature, g, loss_scale=1.0):
+    """Loss and gradient (reduction="none", random upstream times loss_scale, as AMP's GradScaler
+    would scale it) against the float64 formula on the same inputs: close in fp32, finite and
+    aligned (cosine >= 0.99) from 16-bit inputs."""
+    dtype = z1.dtype
+    z1, z2 = z1.requires_grad_(), z2.requires_grad_()
+    w1, w2 = z1.detach().double().requires_grad_(), z2.detach().double().requires_grad_()
+    upstream = torch.randn(2 * z1.shape[0], generator=g, dtype=torch.float64) * loss_scale
+    got = invaspread(z1, z2, temperature, reduction="none")
+    want = invaspread_ref(w1, w2, temperature, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+    got = torch.autograd.grad((got * upstream.float()).sum(), (z1, z2))
+    want = torch.autograd.grad((want * upstream).sum(), (w1, w2))
+    got = torch.cat([x.double().flatten() for x in got])
+    want = torch.cat([x.flatten() for x in want])
+    assert torch.isfinite(got).all()
+    if dtype == torch.float32:
+        assert (got - want).norm() <= 1e-4 * want.norm()
+    else:
+        assert F.cosine_similarity(got, want, dim=0) >= 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_invaspread_exact_when_the_positive_takes_all_the_mass(dtype):
+    """Near-duplicate views at tau = 0.05 (N = 64, D = 128): each anchor's positive takes all but
+    ~1e-6 of its softmax mass, so the loss and its gradient are ~1e-6 (1 - P_a taken as a
+    difference is 0 or noise: -inf and a NaN gradient)."""
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        z1 = torch.randn(64, 128, generator=g)
+        z2 = z1 + 0.05 * torch.randn(64, 128, generator=g)
+        assert invaspread_ref(z1.double(), z2.double(), 0.05, reduction="none").max() < 1e-5
+        # Scaled: fp16 gradients of ~1e-7 would be subnormal.
+        _assert_invaspread_matches_float64(z1.to(dtype), z2.to(dtype), 0.05, g, 2.0 ** 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_invaspread_exact_when_a_negative_takes_all_the_mass(dtype):
+    """Two near-duplicate images in the batch, unrelated views: for their anchors a negative takes
+    almost all the mass, and 1 - s_ak / D_a ~ 1e-8 must come from the other terms."""
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        z1, z2 = torch.randn(2, 16, 128, generator=g)
+        z1[1] = z1[0] + 0.05 * torch.randn(128, generator=g)
+        _assert_invaspread_matches_float64(z1.to(dtype), z2.to(dtype), 0.05, g)
+
+
 def test_invaspread_errors():
     z = torch.randn(4, 8)
     with pytest.raises(ValueError, match="N >= 2"):

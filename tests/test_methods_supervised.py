@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fastcl
 from fastcl.data import ImageData
+from fastcl.losses import triplet as triplet_module
 from fastcl.losses.triplet import TripletLoss, mine_triplets, pairwise_distances
 from fastcl.losses.triplet import triplet_margin, triplet_margin_ref
 from fastcl.methods import get_method
@@ -65,6 +66,34 @@ def test_triplet_low_precision(dtype, tol):
     want = triplet_margin_ref(x.to(dtype).double(), labels, mining="batch_hard")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("distance", ["squared", "euclidean"])
+def test_triplet_bf16_mines_the_float64_triplets(mining, distance, monkeypatch):
+    """Random bf16 batches mine the triplets that float64 mines from the same inputs, and give its
+    per-triplet losses and (random upstream) gradient; normalized in bf16, they mined other
+    triplets in half (batch_hard) to all (semi_hard) of the batches."""
+    mined = []
+
+    def recording(*args):
+        mined.append(torch.stack(mine_triplets(*args)))
+        return mined[-1].unbind()
+
+    monkeypatch.setattr(triplet_module, "mine_triplets", recording)
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(32, 64, generator=g).bfloat16().requires_grad_()
+        labels = torch.randint(0, 4, (32,), generator=g)
+        w = x.detach().double().requires_grad_()
+        got = triplet_margin(x, labels, mining=mining, distance=distance, reduction="none")
+        want = triplet_margin(w, labels, mining=mining, distance=distance, reduction="none")
+        assert torch.equal(mined[-2], mined[-1]), f"batch {seed}"
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        upstream = torch.randn(want.shape, generator=g, dtype=torch.float64)
+        got, = torch.autograd.grad((got * upstream.float()).sum(), x)
+        want, = torch.autograd.grad((want * upstream).sum(), w)
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max())
 
 
 def _pml_distance(distance):

