@@ -33,6 +33,7 @@ from torch import Tensor
 from fastcl import _checks
 from fastcl.distributed import all_gather_no_grad, world
 from fastcl.losses.contrastive import PairLoss, Temperature, _reduce
+from fastcl.ops.contrastive import exact_softplus
 
 
 def _logsumexp_but_one(x: Tensor) -> Tensor:
@@ -60,7 +61,7 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     if n * size < 2:
         raise ValueError(f"z1 and z2 need N >= 2 samples so that each anchor has a negative, "
                          f"got N = {n}")
-    scale = _checks.inverse_temperature(temperature, z1.device)
+    scale = _checks.inverse_temperature(temperature, z1)
     # Rows stay in fp32 once normalized: rounded back to bf16 (as the kernels' inputs are), they
     # put the loss of near-duplicate views 2% off its float64 value instead of 1e-5.
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
@@ -69,7 +70,7 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     keys = anchors.detach()
     if size > 1:
         keys = all_gather_no_grad(keys)
-    logits = (anchors @ keys.T) * scale.to(acc)  # (2N, 2WN)
+    logits = (anchors @ keys.T) * scale  # (2N, 2WN)
 
     rows = torch.arange(2 * n, device=z1.device)
     partner = rank * 2 * n + (rows + n) % (2 * n)  # the positive's column among the keys
@@ -79,7 +80,7 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     # (2N, 2WN - 1): the positive first, then the negatives; the self pair is not in D_a.
     pairs = torch.cat([logits[rows, partner, None], logits[negative].view(2 * n, -1)], 1)
     margin = pairs - _logsumexp_but_one(pairs)  # l_ak - log(D_a - s_ak)
-    losses = F.softplus(torch.cat([-margin[:, :1], margin[:, 1:]], 1)).sum(1)
+    losses = exact_softplus(torch.cat([-margin[:, :1], margin[:, 1:]], 1)).sum(1)
     return _reduce(losses, reduction)
 
 
