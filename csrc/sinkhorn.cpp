@@ -1,15 +1,17 @@
 // CPU kernels of the Sinkhorn-Knopp op family (SwAV's code assignment): fastcl/ops/sinkhorn.py.
 //
-// With x_bk = scores_bk * inv_eps for scores (B, K) (samples x prototypes), and
-// P_bk = softmax over k of (x_bk + log_u_k), so that every row of P sums to 1:
+// For scores (B, K) (samples x prototypes), with a_bk = scores_bk - col_max_k (score units) and
+// P_b = softmax over k of ((a_bk - max_k' a_bk') + potential_k) * inv_eps, so that every row of P
+// sums to 1:
 //
-//   sinkhorn_init_fwd(scores, inv_eps)               -> col_lse (K,) = log sum_b exp(x_bk)
-//   sinkhorn_step_fwd(scores, inv_eps, log_u)        -> col_sum (K,) = sum_b P_bk
-//   sinkhorn_codes_fwd(scores, inv_eps, log_u)       -> P (B, K) float32
-//   sinkhorn_step_codes_fwd(scores, inv_eps, log_u)  -> (col_sum, P): both in one pass
+//   sinkhorn_init_fwd(scores, inv_eps)  -> (col_max (K,) = max_b scores_bk,
+//                                           col_lse (K,) = log sum_b exp(a_bk * inv_eps))
+//   sinkhorn_step_fwd(scores, inv_eps, col_max, potential)        -> col_sum (K,) = sum_b P_bk
+//   sinkhorn_codes_fwd(scores, inv_eps, col_max, potential)       -> P (B, K) float32
+//   sinkhorn_step_codes_fwd(scores, inv_eps, col_max, potential)  -> (col_sum, P): in one pass
 //
 // and, on a stored P (B, K) and column weights w (K,), with R_bk = P_bk w_k / sum_j P_bj w_j
-// (the codes for log_u + log w, without going back to the scores):
+// (the codes for log u + log w, without going back to the scores):
 //
 //   sinkhorn_rescaled_col_sum(P, w)                  -> col_sum (K,) = sum_b R_bk
 //   sinkhorn_rescale_(P, w)                          -> P = R, in place
@@ -19,9 +21,11 @@
 // one that also stores P, then only multiply-adds over the stored P, whose rows are in [0, 1] and
 // sum to 1, as long as the weights w stay within a range where that is exact to fp32.
 //
-// Each call reads its input exactly once. A row is processed whole in L1-resident buffers (x, its
-// max, exp(x - max), the row sum, then P), so every row uses its own max and nothing overflows or
-// underflows for any magnitude; init_fwd keeps a running column max per prototype, updated once
+// Each call reads its input exactly once. A row is processed whole in L1-resident buffers (a, its
+// max, the logits, their max, exp, the row sum, then P). Every difference is taken in score units
+// before the scaling by inv_eps, so nothing overflows for any magnitude or epsilon, a_bk is exact
+// near each column's max, and entries whose differences tie exactly are split by the potential
+// alone (as in exact arithmetic). init_fwd keeps a running column max per prototype, updated once
 // per block of rows, so that each element costs one exp there too. Scores may be float32,
 // bfloat16 or float16; 16-bit rows are converted to float32 one block at a time, never as a whole
 // matrix. Fresh (B, K) outputs ask for huge pages (first-touch faults otherwise cost as much as
@@ -98,33 +102,40 @@ const float* rows_as_float(const T* scores, int64_t stride, int64_t r0, int64_t 
   }
 }
 
-/// e[0, kp) = exp(x - max x) for x_j = row_j * inv_eps + log_u_j, where kp = round_up(k, kLanes)
-/// and log_u is padded with -inf up to kp (so e is 0 there). Returns 1 / sum_j e_j, so that
-/// e_j / sum is row P of the op, or NaN when max x is not finite (a NaN or +-inf in the row, or
-/// a row of -inf), where SwAV's code gives NaN too.
-float row_softmax_terms(const float* row, int64_t k, float inv_eps, const float* log_u,
-                        float* e) {
+/// e[0, kp) = exp((z - max z) * inv_eps) for z_j = (a_j - max a) + potential_j, a_j = row_j -
+/// col_max_j, where kp = round_up(k, kLanes), col_max is padded with +inf and potential with -inf
+/// up to kp (so e is 0 there). Returns 1 / sum_j e_j, so that e_j / sum is row P of the op, or NaN
+/// when max a is not finite (a NaN or +-inf in the row or its column, or a row of -inf), where
+/// SwAV's code gives NaN too.
+float row_softmax_terms(const float* row, int64_t k, float inv_eps, const float* col_max,
+                        const float* potential, float* e) {
   const int64_t kp = round_up(k, kLanes);
-  const Vec scale(inv_eps);
   Vec top(-kInf);
   for (int64_t j = 0; j < kp; j += kLanes) {
-    const Vec x = at::vec::fmadd(load_lanes(row, j, k), scale, Vec::loadu(log_u + j));
-    x.store(e + j);
-    top = at::vec::maximum(top, x);
+    const Vec a = load_lanes(row, j, k) - Vec::loadu(col_max + j);
+    a.store(e + j);
+    top = at::vec::maximum(top, a);
   }
   const float row_max = lane_max(top);
   if (!std::isfinite(row_max)) return std::numeric_limits<float>::quiet_NaN();
-  const Vec shift(row_max);
+  const Vec a_max(row_max);
+  top = Vec(-kInf);
+  for (int64_t j = 0; j < kp; j += kLanes) {
+    const Vec z = (Vec::loadu(e + j) - a_max) + Vec::loadu(potential + j);
+    z.store(e + j);
+    top = at::vec::maximum(top, z);
+  }
+  const Vec z_max(lane_max(top)), scale(inv_eps);
   Vec total(0.f);
   for (int64_t j = 0; j < kp; j += kLanes) {
-    const Vec ej = (Vec::loadu(e + j) - shift).exp_u20();
+    const Vec ej = ((Vec::loadu(e + j) - z_max) * scale).exp_u20();
     ej.store(e + j);
     total = total + ej;
   }
   return 1.f / lane_sum(total);
 }
 
-/// Column (max, sum of exp(x - max)) of x = scores * inv_eps over rows [b0, b1), accumulated
+/// Column max of scores and sum of exp((scores - max) * inv_eps) over rows [b0, b1), accumulated
 /// into col_max (init -inf) and col_sum (init 0), both padded to kp lanes (padding is ignored).
 template <typename T>
 void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k, float inv_eps,
@@ -139,7 +150,7 @@ void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t 
     std::fill(block_max.begin(), block_max.end(), -kInf);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < kp; j += kLanes) {
-        const Vec v = load_lanes(x + r * ld, j, k) * scale;
+        const Vec v = load_lanes(x + r * ld, j, k);
         at::vec::maximum(Vec::loadu(block_max.data() + j), v).store(block_max.data() + j);
       }
     }
@@ -149,14 +160,14 @@ void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t 
       const Vec old_max = Vec::loadu(col_max + j);
       const Vec new_max = at::vec::maximum(old_max, Vec::loadu(block_max.data() + j));
       const Vec s = Vec::blendv(new_max, zero, new_max == neg_inf);
-      (Vec::loadu(col_sum + j) * (old_max - s).exp_u20()).store(col_sum + j);
+      (Vec::loadu(col_sum + j) * ((old_max - s) * scale).exp_u20()).store(col_sum + j);
       new_max.store(col_max + j);
       s.store(shift.data() + j);
     }
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < kp; j += kLanes) {
-        const Vec e = at::vec::fmsub(load_lanes(x + r * ld, j, k), scale,
-                                     Vec::loadu(shift.data() + j)).exp_u20();
+        const Vec e = ((load_lanes(x + r * ld, j, k) - Vec::loadu(shift.data() + j)) * scale)
+                          .exp_u20();
         (Vec::loadu(col_sum + j) + e).store(col_sum + j);
       }
     }
@@ -167,7 +178,8 @@ void init_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t 
 /// 0) and codes rows (row stride k) = P (when codes is given).
 template <typename T>
 void softmax_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64_t k,
-                  float inv_eps, const float* log_u, float* col_sum, float* codes) {
+                  float inv_eps, const float* col_max, const float* potential, float* col_sum,
+                  float* codes) {
   const int64_t kp = round_up(k, kLanes);
   std::vector<float> e(kp), block_sum(kp), converted;
   for (int64_t r0 = b0; r0 < b1; r0 += kBlockRows) {
@@ -176,7 +188,7 @@ void softmax_rows(const T* scores, int64_t stride, int64_t b0, int64_t b1, int64
     const float* x = rows_as_float(scores, stride, r0, rows, k, converted, &ld);
     std::fill(block_sum.begin(), block_sum.end(), 0.f);
     for (int64_t r = 0; r < rows; ++r) {
-      const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, log_u, e.data()));
+      const Vec inv_total(row_softmax_terms(x + r * ld, k, inv_eps, col_max, potential, e.data()));
       float* out = codes ? codes + (r0 + r) * k : nullptr;
       for (int64_t j = 0; j < kp; j += kLanes) {
         const Vec p = Vec::loadu(e.data() + j) * inv_total;
@@ -243,15 +255,14 @@ Tensor checked_scores(const Tensor& scores) {
   return scores.stride(1) == 1 ? scores : scores.contiguous();
 }
 
-/// log_u: (K,) float32 -> a vector padded with -inf to a whole number of lanes.
-std::vector<float> padded_log_u(const Tensor& log_u, int64_t k) {
-  TORCH_CHECK(log_u.device().is_cpu() && log_u.scalar_type() == at::kFloat,
-              "log_u must be a float32 CPU tensor, got ", log_u.scalar_type(), " on ",
-              log_u.device());
-  TORCH_CHECK(log_u.dim() == 1 && log_u.size(0) == k, "log_u must have shape (", k, ",), got ",
-              log_u.sizes());
-  const Tensor src = log_u.contiguous();
-  std::vector<float> out(round_up(k, kLanes), -kInf);
+/// name: (K,) float32 -> a vector padded with `padding` to a whole number of lanes.
+std::vector<float> padded(const char* name, const Tensor& v, int64_t k, float padding) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat, name,
+              " must be a float32 CPU tensor, got ", v.scalar_type(), " on ", v.device());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == k, name, " must have shape (", k, ",), got ",
+              v.sizes());
+  const Tensor src = v.contiguous();
+  std::vector<float> out(round_up(k, kLanes), padding);
   std::copy(src.const_data_ptr<float>(), src.const_data_ptr<float>() + k, out.begin());
   return out;
 }
@@ -284,8 +295,9 @@ void for_each_chunk(int64_t b, int64_t chunks, const Fn& fn) {
   });
 }
 
-/// col_lse (K,) float32 = log sum_b exp(scores_bk * inv_eps), for any magnitude.
-Tensor sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
+/// (col_max (K,) = max_b scores_bk, col_lse (K,) = log sum_b exp((scores_bk - col_max_k) *
+/// inv_eps)), float32, for any magnitude.
+std::tuple<Tensor, Tensor> sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
   const Tensor scores = checked_scores(scores_in);
   const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
   const int64_t chunks = num_chunks(b);
@@ -296,7 +308,9 @@ Tensor sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
                 chunk_max.data() + c * kp, chunk_sum.data() + c * kp);
     });
   });
+  Tensor col_max = at::empty({k}, scores.options().dtype(at::kFloat));
   Tensor lse = at::empty({k}, scores.options().dtype(at::kFloat));
+  float* out_max = col_max.mutable_data_ptr<float>();
   float* out = lse.mutable_data_ptr<float>();
   for (int64_t j = 0; j < k; ++j) {
     // A NaN or +inf score, or a column of -inf, makes SwAV's code NaN: so is the lse then.
@@ -307,17 +321,18 @@ Tensor sinkhorn_init_fwd(const Tensor& scores_in, double inv_eps) {
       finite = finite && !std::isnan(m) && m != kInf;
       top = std::max(top, m);
     }
+    out_max[j] = top;
     if (!finite || top == -kInf) {
       out[j] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
     float total = 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
-      total += chunk_sum[c * kp + j] * std::exp(chunk_max[c * kp + j] - top);
+      total += chunk_sum[c * kp + j] * std::exp((chunk_max[c * kp + j] - top) * inv_eps);
     }
-    out[j] = top + std::log(total);
+    out[j] = std::log(total);
   }
-  return lse;
+  return {col_max, lse};
 }
 
 /// Adds up the per-chunk K-vectors (in chunk order, so results do not depend on scheduling).
@@ -355,18 +370,21 @@ Tensor new_codes(const Tensor& scores) {
 /// One pass of softmax_rows over scores: the column sums of P when with_col_sum, P when
 /// with_codes (each (K,) / (B, K) float32, or an undefined tensor).
 std::tuple<Tensor, Tensor> softmax_pass(const Tensor& scores_in, double inv_eps,
-                                        const Tensor& log_u_in, bool with_col_sum,
+                                        const Tensor& col_max_in, const Tensor& potential_in,
+                                        bool with_col_sum,
                                         bool with_codes) {
   const Tensor scores = checked_scores(scores_in);
   const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
-  const std::vector<float> log_u = padded_log_u(log_u_in, k);
+  const std::vector<float> col_max = padded("col_max", col_max_in, k, kInf);
+  const std::vector<float> potential = padded("potential", potential_in, k, -kInf);
   const int64_t chunks = num_chunks(b);
   std::vector<float> chunk_sum(with_col_sum ? chunks * kp : 0, 0.f);
   Tensor codes = with_codes ? new_codes(scores) : Tensor();
   float* out = with_codes ? codes.mutable_data_ptr<float>() : nullptr;
   with_scores(scores, [&](auto* data) {
     for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
-      softmax_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), log_u.data(),
+      softmax_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), col_max.data(),
+                   potential.data(),
                    with_col_sum ? chunk_sum.data() + c * kp : nullptr, out);
     });
   });
@@ -374,20 +392,23 @@ std::tuple<Tensor, Tensor> softmax_pass(const Tensor& scores_in, double inv_eps,
   return {col_sum, codes};
 }
 
-/// col_sum (K,) float32 = sum_b P_bk with P_b = softmax_k(scores_bk * inv_eps + log_u_k).
-Tensor sinkhorn_step_fwd(const Tensor& scores, double inv_eps, const Tensor& log_u) {
-  return std::get<0>(softmax_pass(scores, inv_eps, log_u, true, false));
+/// col_sum (K,) float32 = sum_b P_bk (P as in the header).
+Tensor sinkhorn_step_fwd(const Tensor& scores, double inv_eps, const Tensor& col_max,
+                         const Tensor& potential) {
+  return std::get<0>(softmax_pass(scores, inv_eps, col_max, potential, true, false));
 }
 
 /// codes (B, K) float32 = P, each row summing to 1.
-Tensor sinkhorn_codes_fwd(const Tensor& scores, double inv_eps, const Tensor& log_u) {
-  return std::get<1>(softmax_pass(scores, inv_eps, log_u, false, true));
+Tensor sinkhorn_codes_fwd(const Tensor& scores, double inv_eps, const Tensor& col_max,
+                          const Tensor& potential) {
+  return std::get<1>(softmax_pass(scores, inv_eps, col_max, potential, false, true));
 }
 
 /// (col_sum (K,), codes (B, K)) of the two above, in one pass over the scores.
 std::tuple<Tensor, Tensor> sinkhorn_step_codes_fwd(const Tensor& scores, double inv_eps,
-                                                   const Tensor& log_u) {
-  return softmax_pass(scores, inv_eps, log_u, true, true);
+                                                   const Tensor& col_max,
+                                                   const Tensor& potential) {
+  return softmax_pass(scores, inv_eps, col_max, potential, true, true);
 }
 
 /// One pass of rescale_rows over codes (B, K) float32 with weights w (K,) float32: their column
@@ -430,17 +451,22 @@ void bind_sinkhorn(pybind11::module_& m) {
   // The kernels run on ATen threads only and never touch Python objects: release the GIL.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("sinkhorn_init_fwd", &sinkhorn_init_fwd,
-        "scores (B, K), inv_eps -> col_lse (K,) = log sum_b exp(scores_bk * inv_eps)",
+        "scores (B, K), inv_eps -> (col_max (K,), col_lse (K,) = log sum_b exp((scores_bk - "
+        "col_max_k) * inv_eps))",
         pybind11::arg("scores"), pybind11::arg("inv_eps"), nogil);
   m.def("sinkhorn_step_fwd", &sinkhorn_step_fwd,
-        "scores (B, K), inv_eps, log_u (K,) -> col_sum (K,) = sum_b softmax_k(x_b + log_u)",
-        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+        "scores (B, K), inv_eps, col_max (K,), potential (K,) -> col_sum (K,) = sum_b P_bk",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("col_max"),
+        pybind11::arg("potential"), nogil);
   m.def("sinkhorn_codes_fwd", &sinkhorn_codes_fwd,
-        "scores (B, K), inv_eps, log_u (K,) -> codes (B, K) = softmax_k(x_b + log_u)",
-        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+        "scores (B, K), inv_eps, col_max (K,), potential (K,) -> codes P (B, K)",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("col_max"),
+        pybind11::arg("potential"), nogil);
   m.def("sinkhorn_step_codes_fwd", &sinkhorn_step_codes_fwd,
-        "scores (B, K), inv_eps, log_u (K,) -> (col_sum (K,), codes (B, K)) in one pass",
-        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("log_u"), nogil);
+        "scores (B, K), inv_eps, col_max (K,), potential (K,) -> (col_sum (K,), codes (B, K)) "
+        "in one pass",
+        pybind11::arg("scores"), pybind11::arg("inv_eps"), pybind11::arg("col_max"),
+        pybind11::arg("potential"), nogil);
   m.def("sinkhorn_rescaled_col_sum", &sinkhorn_rescaled_col_sum,
         "codes (B, K), w (K,) -> col_sum (K,) = sum_b codes_bk w_k / (codes_b . w)",
         pybind11::arg("codes"), pybind11::arg("w"), nogil);
