@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from fastcl import __version__
 from fastcl.methods import METHODS
 from fastcl.models import BACKBONES
 from fastcl.optim import OPTIMIZERS
 
+DEVICE_HELP = "auto (CUDA if present), cpu, cuda, cuda:1; default auto"
+KNN_K_HELP = "neighbours of the kNN evaluation; default 200"
 _COMMON = ("data", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
            "backbone", "width", "device", "precision", "out", "resume", "seed", "deterministic",
            "knn_k")
@@ -45,19 +48,22 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help=f"peak learning rate; default {d.get('lr')}")
     run.add_argument("--weight-decay", type=float, help=f"default {d.get('weight_decay')}")
     run.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.get('optimizer')}")
-    run.add_argument("--warmup-epochs", type=int, help=f"default {d.get('warmup_epochs')}")
+    run.add_argument("--warmup-epochs", type=int,
+                     help=f"epochs of linear learning-rate warm-up, fewer than --epochs; default "
+                          f"{d.get('warmup_epochs')} (at most --epochs - 1)")
     run.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet18",
                      help="default resnet18 (small-image stem)")
     run.add_argument("--width", type=float, help=f"channel multiplier of the backbone; default "
                                                  f"{d.get('width', 1.0)}")
-    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
-    run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    run.add_argument("--device", default="auto", help=DEVICE_HELP)
+    run.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                     help="default fp32")
     run.add_argument("--out", metavar="DIR", help=f"output folder; default runs/{method_cls.name}")
     run.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="default 0")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: a resumed run reproduces the uninterrupted one")
-    run.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
+    run.add_argument("--knn-k", type=int, default=200, help=KNN_K_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
     hp = p.add_argument_group(f"{method_cls.name} hyper-parameters")
     for name, (default, text) in method_cls.HPARAMS.items():
@@ -71,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastcl", description="Self-supervised training on your images with fastcl's fused "
                                    "losses.", epilog=_listing(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastcl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a method", epilog=_listing(),
                            formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     for method_cls in METHODS.values():
         _method_parser(methods, method_cls)
     ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen encoder")
-    ev.add_argument("--checkpoint", required=True, metavar="PATH")
-    ev.add_argument("--data", metavar="PATH", help="default: the data the checkpoint was trained on")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--knn-k", type=int, default=200)
+    ev.add_argument("--checkpoint", required=True, metavar="PATH",
+                    help="a last.pt that fastcl train wrote")
+    ev.add_argument("--data", metavar="PATH",
+                    help="as fastcl train's --data; default: the data the checkpoint was trained "
+                         "on")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
+    ev.add_argument("--knn-k", type=int, default=200, help=KNN_K_HELP)
     sub.add_parser("list", help="the methods and backbones")
     return parser
 
@@ -101,12 +111,19 @@ def _read_config(path: str) -> dict[str, Any]:
         import tomllib
 
         with open(p, "rb") as f:
-            values = tomllib.load(f)
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise ValueError(f"--config {path!r} is not valid TOML: {err}") from None
     elif p.suffix in (".yaml", ".yml"):
         import yaml
 
         with open(p) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"--config {path!r} is not valid YAML: "
+                                 f"{' '.join(str(err).split())}") from None
     else:
         raise ValueError(f"--config {path!r} must be a .toml, .yaml or .yml file")
     if not isinstance(values, dict):
@@ -171,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if result:
             print(json.dumps(result, indent=2))
         return 0
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         parser.exit(2, f"fastcl: error: {err}\n")
     except KeyboardInterrupt:
         out = Path(getattr(args, "out", None) or f"runs/{getattr(args, 'method', '')}")

@@ -168,7 +168,8 @@ def shifted_digits(side: int = 16, seed: int = 0) -> ImageData:
 
 
 def _as_nchw(name: str, x: np.ndarray) -> Tensor:
-    """(N, H, W), (N, H, W, C) or (N, C, H, W) images, uint8 or floats in [0, 1] -> uint8 NCHW."""
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) images, uint8 or floats in [0, 1] -> uint8 NCHW.
+    `name` says where the images come from in errors."""
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -179,33 +180,49 @@ def _as_nchw(name: str, x: np.ndarray) -> Tensor:
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"{name} must be uint8 or float images, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} has NaN or infinite pixels (first at index "
+                             f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}): "
+                             f"expected values in [0, 1] or [0, 255]")
         top = float(x.max()) if x.size else 0.0
         x = np.clip(np.round(x * 255 if top <= 1.0 else x), 0, 255).astype(np.uint8)
     if x.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     if x.shape[2] != x.shape[3]:
-        raise ValueError(f"{name} images must be square, got {x.shape[2]}x{x.shape[3]}")
+        raise ValueError(f"{name} must be square images (height = width), got "
+                         f"{x.shape[3]}x{x.shape[2]} (width x height): crop or pad them first")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _labels(name: str, y: np.ndarray, n: int) -> Tensor:
+def _labels(name: str, y: np.ndarray, n: int, max_classes: int) -> Tensor:
+    """Class indices 0..K-1, one per image, K at most `max_classes` (the number of images: more
+    classes than images means labels that are not indices)."""
     y = np.asarray(y).reshape(-1)
     if len(y) != n:
         raise ValueError(f"{name} must have one label per image ({n}), got {len(y)}")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)) | (y < 0) | (y >= max_classes))
+    if len(bad):
+        raise ValueError(f"{name} has label {y[bad[0]].item()!r} at index {bad[0]}: expected "
+                         f"class indices 0..K-1 with K at most the {max_classes} images")
     return torch.from_numpy(y.astype(np.int64))
 
 
 def _npz(path: Path) -> ImageData:
+    where = f"of {str(path)!r}"
     with np.load(path, allow_pickle=False) as f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
         if missing:
             raise ValueError(f"{str(path)!r} lacks {missing}: an .npz needs x_train, y_train, "
                              f"x_test, y_test (found {f.files})")
-        x_train, x_test = _as_nchw("x_train", f["x_train"]), _as_nchw("x_test", f["x_test"])
-        y_train = _labels("y_train", f["y_train"], len(x_train))
-        y_test = _labels("y_test", f["y_test"], len(x_test))
+        x_train = _as_nchw(f"x_train {where}", f["x_train"])
+        x_test = _as_nchw(f"x_test {where}", f["x_test"])
+        n_images = len(x_train) + len(x_test)
+        y_train = _labels(f"y_train {where}", f["y_train"], len(x_train), n_images)
+        y_test = _labels(f"y_test {where}", f["y_test"], len(x_test), n_images)
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise ValueError(f"x_train and x_test images must have the same shape, got "
+        raise ValueError(f"x_train and x_test {where} must have the same image shape, got "
                          f"{tuple(x_train.shape[1:])} and {tuple(x_test.shape[1:])}")
     classes = [str(c) for c in range(int(max(y_train.max(), y_test.max())) + 1)]
     return ImageData(path.stem, x_train, y_train, x_test, y_test, classes)
@@ -244,18 +261,27 @@ def _cifar(folder: Path) -> ImageData:
     return ImageData(folder.name, x_train, y_train, x_test, y_test, classes)
 
 
+GRAY_MODES = ("L", "1", "I;16", "I")
+
+
 def _image_folder(root: Path) -> ImageData:
+    """Every image must have the same size and be square. Gray images load as 1 channel, unless any
+    image of the data set is in colour: then all load as RGB (gray ones with R = G = B)."""
     from PIL import Image
 
-    split_dirs = {"train": root / "train", "test": root / "val" if (root / "val").is_dir()
+    split_dirs = {"train": root / "train", "test": root / "val" if (root / "val").exists()
                   else root / "test"}
+    for folder in split_dirs.values():
+        if not folder.is_dir():
+            raise ValueError(f"--data folder {str(root)!r}: {folder.name!r} is a file, expected a "
+                             f"folder of class sub-folders ({folder.name}/<class>/<image>)")
     classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{str(split_dirs['train'])!r} has no class sub-folders (ImageFolder "
                          f"layout: train/<class>/<image>)")
     index = {c: i for i, c in enumerate(classes)}
-    out: dict[str, tuple[Tensor, Tensor]] = {}
-    mode, size = None, None
+    arrays: dict[str, tuple[list[np.ndarray], list[int]]] = {}
+    size = None
     for split, folder in split_dirs.items():
         images, labels, skipped = [], [], []
         for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
@@ -268,13 +294,15 @@ def _image_folder(root: Path) -> ImageData:
                 try:
                     with Image.open(file) as im:
                         im.load()
-                        if mode is None:
-                            mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                        arr = np.asarray(im.convert(mode))
+                        arr = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
                 except (OSError, ValueError, SyntaxError):
                     skipped.append(file)
                     continue
                 if size is None:
+                    if arr.shape[0] != arr.shape[1]:
+                        raise ValueError(f"images must be square: {str(file)!r} is "
+                                         f"{arr.shape[1]}x{arr.shape[0]} (crop or pad the data set "
+                                         f"first)")
                     size = arr.shape[:2]
                 if arr.shape[:2] != size:
                     raise ValueError(f"images must all have the same size: {str(file)!r} is "
@@ -288,8 +316,13 @@ def _image_folder(root: Path) -> ImageData:
         if not images:
             raise ValueError(f"{str(folder)!r} holds no readable images (ImageFolder layout: "
                              f"{folder.name}/<class>/<image>)")
-        out[split] = (_as_nchw(f"{split} images", np.stack(images)),
-                      torch.tensor(labels, dtype=torch.int64))
+        arrays[split] = images, labels
+    rgb = any(a.ndim == 3 for images, _ in arrays.values() for a in images)
+    out = {split: (_as_nchw(f"{split} images of {str(root)!r}", np.stack(
+                       [np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a
+                        for a in images])),
+                   torch.tensor(labels, dtype=torch.int64))
+           for split, (images, labels) in arrays.items()}
     return ImageData(root.name, *out["train"], *out["test"], classes)
 
 

@@ -5,8 +5,13 @@
 - metrics.csv: one row per epoch (loss, lr, images/s, kNN top-1 on the test split, seconds);
 - metrics.json: the final knn_top1 and linear_top1 (fractions in [0, 1]) and the run's figures;
 - curves.png: the loss and kNN curves;
-- last.pt: the checkpoint, replaced atomically after every epoch (temporary file in the same
-  folder, fsync, os.replace), so an interrupted run always leaves the last complete one.
+- last.pt: the checkpoint, replaced after every epoch.
+
+Every file is replaced whole (``write_atomic``: temporary file in the same folder, fsync,
+os.replace), so an interrupted run always leaves the last complete ones; a temporary file that a
+killed run left behind is removed when the next run of the folder starts. Options, data and the
+checkpoint to resume are all checked before the output folder is made: bad input is a ValueError
+that names the option or file, and nothing is written.
 
 Randomness is a function of (seed, epoch, step): the epoch's order comes from (seed, epoch) and each
 step's augmentation generator is re-seeded from (seed, step, rank), so a run resumed from last.pt
@@ -20,13 +25,14 @@ are averaged over ranks after backward.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +47,7 @@ from fastcl.optim import OPTIMIZERS, build_optimizer, cosine_with_warmup, set_lr
 
 CHECKPOINT_FORMAT = "fastcl-checkpoint-1"
 PRECISIONS = ("fp32", "bf16")
+TMP_INFIX = ".tmp-"  # write_atomic's temporary files: .<name>.tmp-<pid>
 
 
 @dataclass
@@ -82,23 +89,61 @@ class TrainConfig:
             values["width"] = 1.0
         values["hparams"] = {k: self.hparams.get(k, d) for k, (d, _) in method_cls.HPARAMS.items()}
         cfg = TrainConfig(**values)
-        if cfg.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
-        for name in ("epochs", "batch_size"):
-            if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
-        if not cfg.lr > 0:
-            raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        _require("optimizer", cfg.optimizer, cfg.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
+        _require("epochs", cfg.epochs, _is_int(cfg.epochs) and cfg.epochs >= 1, "an integer >= 1")
+        _require("batch_size", cfg.batch_size, _is_int(cfg.batch_size) and cfg.batch_size >= 2,
+                 "an integer >= 2 (BatchNorm and the losses compare the images of a batch)")
+        _require("lr", cfg.lr, _is_real(cfg.lr) and cfg.lr > 0, "a finite number > 0")
+        _require("weight_decay", cfg.weight_decay,
+                 _is_real(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0")
+        _require("width", cfg.width, _is_real(cfg.width) and cfg.width > 0, "a finite number > 0")
+        if self.warmup_epochs is None:  # the method's default warm-up leaves an epoch of decay
+            cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs - 1)
+        _require("warmup_epochs", cfg.warmup_epochs, _is_int(cfg.warmup_epochs) and (
+            cfg.warmup_epochs == 0 or 0 < cfg.warmup_epochs < cfg.epochs),
+            f"an integer from 0 to --epochs - 1 = {cfg.epochs - 1} (the learning rate warms up to "
+            f"its peak, then decays)")
+        check_knn_k(cfg.knn_k)
         return cfg
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return _is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def _require(name: str, value, valid: bool, expected: str) -> None:
+    """A ValueError naming the option (--name) unless `valid`."""
+    if not valid:
+        raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
+def check_knn_k(k) -> None:
+    _require("knn_k", k, _is_int(k) and k >= 1,
+             "an integer >= 1 (neighbours of the kNN evaluation)")
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> the CUDA GPU of this process if there is one, else the CPU."""
+    """'auto' -> the CUDA GPU of this process if there is one, else the CPU; a ValueError naming
+    --device for a name torch does not know or a device this machine lacks."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, ...
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"--device {name}: this machine has no {device.type} device that torch "
+                         f"can use; pass --device cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -116,14 +161,15 @@ def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, st
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Writes `state` to a temporary file in the same folder, fsyncs it, then renames it over
-    `path` (atomic on POSIX): readers see the old or the new checkpoint, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls write(file) on a temporary file in path's folder, fsyncs it, then renames it over
+    `path` (atomic on POSIX): readers see the old or the new file, never a partial one. An
+    interrupted write removes its temporary file; one a killed process left behind is removed by
+    ``remove_stale_temporaries`` when the next run starts."""
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -137,41 +183,70 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Removes the temporary files of writes that a killed run (kill -9) left in `folder`."""
+    for tmp in folder.glob(f".*{TMP_INFIX}*"):
+        tmp.unlink()
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    write_atomic(Path(path), lambda f: torch.save(state, f))
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load fails in many ways on a file it cannot read
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: expected a last.pt that "
+                         f"fastcl train wrote, whole ({type(err).__name__}: "
+                         f"{str(err).split('. ')[0]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a fastcl training checkpoint")
     return state
 
 
-def check_compatible(state: dict, cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """A checkpoint resumes only the method and backbone it was trained with."""
-    for key in ("method", "backbone", "width"):
-        if state["config"][key] != getattr(cfg, key):
+def check_compatible(state: dict, cfg: TrainConfig, data: ImageData,
+                     path: str | os.PathLike) -> None:
+    """A checkpoint resumes only the method, backbone, optimizer and data it was trained with, and
+    only up to more epochs than it has."""
+    trained = state["config"]
+    if trained["method"] != cfg.method:
+        raise ValueError(f"checkpoint {str(path)!r} was trained with method "
+                         f"{trained['method']!r}, this run asks for {cfg.method!r}: run fastcl "
+                         f"train {trained['method']} --resume, or pass another --out folder")
+    for key in ("backbone", "width", "optimizer"):
+        if trained[key] != getattr(cfg, key):
             raise ValueError(
-                f"checkpoint {str(path)!r} was trained with {key} {state['config'][key]!r}, "
-                f"this run asks for {getattr(cfg, key)!r}: pass --{key.replace('_', '-')} "
-                f"{state['config'][key]} or another --out folder")
+                f"checkpoint {str(path)!r} was trained with {key} {trained[key]!r}, this run asks "
+                f"for {getattr(cfg, key)!r}: pass --{key} {trained[key]} or another --out folder")
+    info, shape = state["data"], (data.channels, data.image_size, len(data.x_train))
+    trained_shape = (info["channels"], info["image_size"], info.get("num_items", shape[2]))
+    if trained_shape != shape:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained on {info['name']!r} ({trained_shape[0]}-channel "
+            f"{trained_shape[1]}px images, {trained_shape[2]} for training), --data gives "
+            f"{data.name!r} ({shape[0]}-channel {shape[1]}px images, {shape[2]} for training): "
+            f"pass the --data it was trained on, or another --out folder")
+    if state["epoch"] > cfg.epochs:
+        raise ValueError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs "
+                         f"checkpoint {str(path)!r} has trained: pass --epochs above "
+                         f"{state['epoch']} to train on, or evaluate it with fastcl eval "
+                         f"--checkpoint {path}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers
 # ----------------------------------------------------------------------------------------------
-def _init_distributed(device_name: str) -> tuple[int, int, int]:
-    """Joins the torchrun process group when WORLD_SIZE > 1; returns (rank, world, local_rank)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if size > 1 and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or \
-            device_name.startswith("cuda")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, size = world()
-    return rank, size, local_rank
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """Joins the torchrun process group when WORLD_SIZE > 1; returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world()
 
 
 def _average_gradients(params: list[nn.Parameter], size: int) -> None:
@@ -199,12 +274,11 @@ def _broadcast_state(module: nn.Module) -> None:
 def _write_csv(path: Path, history: list[dict]) -> None:
     if not history:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
@@ -222,7 +296,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title="kNN (k = 200) on the test split")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -241,15 +315,13 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
 
     on_epoch_end(epoch, row) is called after each epoch's checkpoint is on disk.
     """
+    # Options, data and the checkpoint to resume are checked before the output folder is made.
     cfg = config.resolved()
-    rank, size, local_rank = _init_distributed(cfg.device)
-    device = pick_device(cfg.device, local_rank)
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, size = _init_distributed(device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_data(cfg.data)
     mean, std = data.stats()
 
@@ -265,17 +337,25 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
 
     n_steps = steps_per_epoch(len(data.x_train), cfg.batch_size, size)
     if n_steps == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} x {size} process(es) is larger than the "
+        raise ValueError(f"--batch-size {cfg.batch_size} x {size} process(es) is larger than the "
                          f"{len(data.x_train)} training images")
     total_steps, warmup_steps = cfg.epochs * n_steps, cfg.warmup_epochs * n_steps
 
     history: list[dict] = []
     start_epoch = 0
+    out = Path(cfg.out)
     ckpt_path = out / "last.pt"
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
-        check_compatible(state, cfg, ckpt_path)
-        method.load_state_dict(state["model"])
+        check_compatible(state, cfg, data, ckpt_path)
+        try:
+            method.load_state_dict(state["model"])
+        except RuntimeError as err:
+            changed = {k: v for k, v in state["config"]["hparams"].items()
+                       if cfg.hparams.get(k) != v}
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} does not fit this run's model "
+                             f"({str(err).splitlines()[-1].strip()}): it was trained with "
+                             f"{changed}") from None
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = state["history"], state["epoch"]
 
@@ -288,6 +368,9 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     if unknown_extras:
         raise ValueError(f"{cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
                          f"trainer provides {sorted(extra_sources)}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
     method.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
@@ -323,7 +406,13 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
         train_seconds = time.perf_counter() - t0
         mean_loss = (loss_sum / n_steps).item()
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"the loss became {mean_loss} in epoch {epoch}: lower --lr")
+            kept = (f"the last good checkpoint is {ckpt_path} (epoch {epoch})" if epoch else
+                    "no checkpoint was written")
+            raise FloatingPointError(
+                f"the loss became {mean_loss} in epoch {epoch + 1}/{cfg.epochs}; {kept}. Settings "
+                f"that can cause it: --lr {cfg.lr}, --weight-decay {cfg.weight_decay}, "
+                f"--warmup-epochs {cfg.warmup_epochs}, --precision {cfg.precision} (try a lower "
+                f"--lr or a longer warm-up)")
         if rank == 0:
             train_f, test_f = _features(method, data, device, mean, std)
             knn = evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=cfg.knn_k)
@@ -359,8 +448,8 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
             images_per_s=round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
             train_seconds=round(sum(r["seconds"] for r in history), 1),
         )
-        with open(out / "metrics.json", "w") as f:
-            json.dump(result, f, indent=2)
+        write_atomic(out / "metrics.json",
+                     lambda f: f.write(json.dumps(result, indent=2).encode()))
         if history:
             plot_curves(history, out / "curves.png", f"{cfg.method} / {cfg.backbone} on "
                                                      f"{data.name}")
@@ -385,6 +474,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None
                         device: str = "auto", k: int = 200) -> dict:
     """kNN and linear-probe top-1 of a checkpoint's frozen encoder on `data_path` (default: the
     data it was trained on)."""
+    check_knn_k(k)
+    dev = pick_device(device)
     state = load_checkpoint(path)
     cfg = TrainConfig(**state["config"])
     data = load_data(data_path if data_path is not None else cfg.data)
@@ -393,7 +484,6 @@ def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None
         raise ValueError(f"checkpoint {str(path)!r} was trained on {info['channels']}-channel "
                          f"{info['image_size']}px images, --data has {data.channels}-channel "
                          f"{data.image_size}px images")
-    dev = pick_device(device)
     method = build_method(cfg, info["channels"], info["image_size"], info["mean"], info["std"],
                           num_items=info.get("num_items", 0))
     method.load_state_dict(state["model"])

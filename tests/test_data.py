@@ -127,6 +127,32 @@ def test_image_folder(tmp_path):
     assert data.classes == ["a", "b"] and data.y_train.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("gray", [("train", "a", 0), ("val", "b", 2)])
+def test_image_folder_gray_and_colour_loads_rgb(tmp_path, gray):
+    """One gray image (the very first, or one of val/) among colour ones: all load as RGB, the
+    gray one with R = G = B."""
+    from PIL import Image
+
+    _image_folder(tmp_path)
+    split, c, i = gray
+    path = tmp_path / split / c / f"{i}.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), "L").save(path)
+    data = load_data(tmp_path)
+    assert data.x_train.shape == (6, 3, 8, 8) and data.x_test.shape == (6, 3, 8, 8)
+    x = (data.x_train if split == "train" else data.x_test)[(c == "b") * 3 + i]
+    assert all(torch.equal(x[ch], torch.arange(64, dtype=torch.uint8).view(8, 8))
+               for ch in range(3))
+
+
+def test_image_folder_all_gray_is_one_channel(tmp_path):
+    from PIL import Image
+
+    _image_folder(tmp_path)
+    for path in tmp_path.glob("*/*/*.png"):
+        Image.open(path).convert("L").save(path)
+    assert load_data(tmp_path).x_train.shape == (6, 1, 8, 8)
+
+
 def test_image_folder_mixed_sizes(tmp_path):
     _image_folder(tmp_path, sizes={("train", "b", 1): 10})
     with pytest.raises(ValueError, match="same size"):

@@ -31,7 +31,7 @@ def tiny_data(n_train=64, n_test=32, side=8, seed=0):
 
 def tiny_config(out, **kw):
     values = dict(method="simclr", backbone="resnet18", width=0.125, batch_size=16, epochs=2,
-                  warmup_epochs=1, out=str(out), progress=False, deterministic=True,
+                  out=str(out), progress=False, deterministic=True,
                   hparams=dict(proj_hidden=32, proj_dim=16))
     values.update(kw)
     return TrainConfig(**values)
@@ -91,6 +91,59 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_nan_loss_names_the_epoch_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A loss that turns NaN in the second epoch: the error names epoch 2/2 as the progress line
+    counts it, last.pt (epoch 1, left as it was) and the settings that can cause it."""
+    from fastcl.methods import SimCLR
+
+    forward = SimCLR.forward
+    monkeypatch.setattr(SimCLR, "forward", lambda self, views, *, epoch=0, **kw: forward(
+        self, views, epoch=epoch, **kw) * (float("nan") if epoch == 1 else 1.0))
+    with pytest.raises(FloatingPointError) as error:
+        train(tiny_config(tmp_path, epochs=2), data=tiny_data())
+    message = str(error.value)
+    assert "nan in epoch 2/2" in message and f"{tmp_path / 'last.pt'} (epoch 1)" in message
+    assert all(option in message for option in ("--lr", "--weight-decay", "--warmup-epochs"))
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("lr", float("inf"), "--lr must be a finite number > 0"),
+    ("weight_decay", -1.0, "--weight-decay must be a finite number >= 0"),
+    ("warmup_epochs", 2, "--warmup-epochs must be an integer from 0 to --epochs - 1 = 1"),
+    ("batch_size", 1, "--batch-size must be an integer >= 2"),
+    ("knn_k", 0, "--knn-k must be an integer >= 1"),
+    ("device", "gpu0", "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_options_are_checked_before_the_output_folder_exists(tmp_path, option, value, match):
+    with pytest.raises(ValueError, match=match):
+        train(tiny_config(tmp_path / "run", **{option: value}), data=tiny_data())
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_warmup_leaves_an_epoch_of_decay(tmp_path):
+    assert tiny_config(tmp_path, epochs=1).resolved().warmup_epochs == 0
+    assert tiny_config(tmp_path, epochs=3).resolved().warmup_epochs == 1
+
+
+def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
+    """metrics.json, like last.pt, is written whole or not at all: an interrupted write keeps the
+    previous run's file."""
+    train(tiny_config(tmp_path, epochs=1), data=tiny_data())
+    before = (tmp_path / "metrics.json").read_text()
+
+    def interrupted_encode(self, o, _one_shot=False):
+        yield "{"
+        raise KeyboardInterrupt  # in the middle of writing metrics.json
+
+    monkeypatch.setattr(json.JSONEncoder, "iterencode", interrupted_encode)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, epochs=2, resume=True), data=tiny_data())
+    assert (tmp_path / "metrics.json").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "last.pt", "metrics.csv",
+                                            "metrics.json"]
 
 
 def test_resume_rejects_other_method_or_backbone(tmp_path):

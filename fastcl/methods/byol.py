@@ -27,6 +27,8 @@ def _regression_loss(p: Tensor, z: Tensor) -> Tensor:
 
 
 class BYOL(Method):
+    """BYOL: an online network predicts a momentum target network's projection."""
+
     name = "byol"
     HPARAMS = {
         "momentum_base": (0.996, "target momentum tau_base at step 0, cosine to 1 (BYOL's "

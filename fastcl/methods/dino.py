@@ -70,6 +70,8 @@ class DINOHead(nn.Module):
 
 
 class DINO(Method):
+    """DINO: self-distillation from a momentum teacher over multi-crop views."""
+
     name = "dino"
     HPARAMS = {
         "out_dim": (128, "prototypes K of the head's last layer (65536 on ImageNet)"),

@@ -73,6 +73,8 @@ def shuffled_bn_forward(encoder: nn.Module, x: Tensor, groups: int, gather: bool
 
 
 class MoCoV1(Method):
+    """MoCo v1: queries against a momentum encoder's keys and a queue of past keys."""
+
     name = "mocov1"
     HPARAMS = {
         "temperature": (0.07, "InfoNCE temperature"),

@@ -14,6 +14,8 @@ from fastcl.models import mlp
 
 
 class MoCoV2(MoCoV1):
+    """MoCo v2: MoCo v1 with an MLP head, temperature 0.2 and blur in the augmentation."""
+
     name = "mocov2"
     HPARAMS = {
         **MoCoV1.HPARAMS,

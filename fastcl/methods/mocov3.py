@@ -37,6 +37,8 @@ from fastcl.models import ViT, mlp
 
 
 class MoCoV3(Method):
+    """MoCo v3: each view's prediction against the other view's momentum keys."""
+
     name = "mocov3"
     HPARAMS = {
         "temperature": (0.2, "InfoNCE temperature (official: 1.0 ResNet, 0.2 ViT)"),

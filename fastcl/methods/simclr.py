@@ -14,6 +14,8 @@ from fastcl.models import mlp
 
 
 class SimCLR(Method):
+    """SimCLR: NT-Xent between the projections of two augmented views."""
+
     name = "simclr"
     HPARAMS = {
         "temperature": (0.2, "NT-Xent temperature (SimCLR: 0.1 ImageNet, 0.5 CIFAR; 0.2 learns "

@@ -27,6 +27,8 @@ from fastcl.models import mlp
 
 
 class SimCLRv2(Method):
+    """SimCLR v2: a deeper projector and, optionally, a memory of negatives."""
+
     name = "simclrv2"
     HPARAMS = {
         "temperature": (0.2, "NT-Xent temperature (0.1 on ImageNet)"),

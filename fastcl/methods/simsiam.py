@@ -22,6 +22,8 @@ from fastcl.models import mlp
 
 
 class SimSiam(Method):
+    """SimSiam: a predictor and a stop-gradient; no negatives, no momentum."""
+
     name = "simsiam"
     HPARAMS = {
         "proj_dim": (512, "projector width and output dimension h (2048 on ImageNet)"),

@@ -25,6 +25,8 @@ from fastcl.models import mlp
 
 
 class SwAV(Method):
+    """SwAV: swapped prediction of the Sinkhorn codes of multi-crop views."""
+
     name = "swav"
     HPARAMS = {
         "temperature": (0.2, "softmax temperature of the swapped prediction (0.1 on ImageNet; "
