@@ -244,6 +244,22 @@ def test_module_matches_official_across_steps():
         assert max_error(loss_fn.center, center) < 1e-6
 
 
+def test_module_float64_is_float64_exact():
+    """A float64 module on float64 crops: losses and the center within 1e-12 of the official
+    formula and EMA in float64 (the temperatures are not rounded to float32 on the way)."""
+    s, t, b, k = 4, 2, 3, 24
+    loss_fn = DINOLoss(k, student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                       warmup_teacher_temp_epochs=5, num_epochs=10, center_momentum=0.8).double()
+    center = torch.zeros(1, k, dtype=torch.float64)
+    for epoch in range(3):
+        student, teacher, _ = make_inputs(s, t, b, k)
+        loss = loss_fn(student, teacher, epoch)
+        temp = teacher_temp_schedule(0.04, 0.07, 5, 10)[epoch].item()
+        assert max_error(loss, dino_loss_ref(student, teacher, center, 0.1, temp)) < 1e-12
+        center = center * 0.8 + teacher.reshape(-1, k).mean(0, keepdim=True) * (1 - 0.8)
+        assert max_error(loss_fn.center, center) < 1e-12
+
+
 def test_equals_lightly_dino_formula():
     """lightly's DINOLoss: one einsum over (t, b, d) x (s, b, d), diagonal zeroed."""
     student, teacher, center = make_inputs(6, 2, 5, 40)
