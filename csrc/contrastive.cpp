@@ -82,13 +82,6 @@ Tensor features(const Tensor& x, const char* name) {
   return x.to(at::kFloat).contiguous();
 }
 
-/// x: (n,) per-row statistic -> contiguous fp32.
-Tensor per_row(const Tensor& x, int64_t n, const char* name) {
-  check_cpu_float(x, name);
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, name, " must have shape (", n, ",), got ", x.sizes());
-  return x.to(at::kFloat).contiguous();
-}
-
 float read_scale(const Tensor& scale) {
   check_cpu_float(scale, "scale");
   TORCH_CHECK(scale.dim() == 0, "scale must be a 0-dim tensor, got shape ", scale.sizes());
@@ -313,7 +306,7 @@ struct PositiveStats {
 };
 
 /// Folds a tile's positives into the row statistics and, when it serves columns, the column ones.
-void merge_positives(const PairProblem& p, const Tile& t, const Positives& pos, bool columns,
+void merge_positives(const Tile& t, const Positives& pos, bool columns,
                      PositiveStats& row_pos, PositiveStats& col_pos) {
   row_pos.merge(t.i0, t.tm, pos.rows, pos.logits);
   if (columns) col_pos.merge(t.j0, t.tn, pos.cols, pos.logits);
@@ -333,7 +326,7 @@ std::pair<Tensor, Tensor> forward_unshifted(const PairProblem& p, bool with_col,
     const bool columns = serves_columns(p, t, with_col);
     e.exp_();
     if (!pos.empty()) {
-      merge_positives(p, t, pos, columns, row_pos, col_pos);
+      merge_positives(t, pos, columns, row_pos, col_pos);
       e.view(-1).index_fill_(0, pos.flat, 0.f);
     }
     fill_excluded(p, t, e, 0.f);
@@ -362,7 +355,7 @@ std::pair<Tensor, Tensor> forward_online(const PairProblem& p, bool with_col, co
     const Positives pos = find_positives(p, t, s, buf);
     const bool columns = serves_columns(p, t, with_col);
     if (!pos.empty()) {
-      merge_positives(p, t, pos, columns, row_pos, col_pos);
+      merge_positives(t, pos, columns, row_pos, col_pos);
       s.view(-1).index_fill_(0, pos.flat, -kInf);
     }
     fill_excluded(p, t, s, -kInf);
@@ -402,15 +395,16 @@ struct Upstream {
 /// columns: g ((q - 1 / count) - q r), q = exp(s - lse_pos), exactly 1 for a single positive.
 Tensor positive_weights(const Tensor& coef, int64_t start, int64_t len, const Tensor& index,
                         const Tensor& logits) {
-  const auto pick = [&](int64_t row) { return coef[row].narrow(0, start, len).index_select(0, index); };
+  const auto pick = [&](int64_t row) {
+    return coef[row].narrow(0, start, len).index_select(0, index);
+  };
   const Tensor grad = pick(0), lse_pos = pick(2), inv_count = pick(3), share = pick(4);
   const Tensor q = at::where(inv_count == 1, at::ones_like(logits), (logits - lse_pos).exp_());
   return grad * ((q - inv_count) - q * share);
 }
 
 /// Overwrites the positives' entries of the tile's weights w (tm, tn).
-void set_positive_weights(const PairProblem& p, const Tile& t, const Upstream& up,
-                          const Positives& pos, Tensor& w) {
+void set_positive_weights(const Tile& t, const Upstream& up, const Positives& pos, Tensor& w) {
   if (pos.empty()) return;
   Tensor values = positive_weights(up.row, t.i0, t.tm, pos.rows, pos.logits);
   if (up.has_col()) values.add_(positive_weights(up.col, t.j0, t.tn, pos.cols, pos.logits));
@@ -449,7 +443,7 @@ void backward_unshifted(const PairProblem& p, const Upstream& up, const Scratch&
     } else {
       at::mul_out(w, e, rc);
     }
-    set_positive_weights(p, t, up, pos, w);
+    set_positive_weights(t, up, pos, w);
     fill_excluded(p, t, w, 0.f);
     accumulate_grads(p, t, w, buf, da, db, need_db);
   });
@@ -468,7 +462,7 @@ void backward_online(const PairProblem& p, const Upstream& up, const Scratch& bu
       s.sub_(up.col[1].narrow(0, t.j0, t.tn).unsqueeze(0)).exp_();
       w.addcmul_(s, up.col[0].narrow(0, t.j0, t.tn).unsqueeze(0));
     }
-    set_positive_weights(p, t, up, pos, w);
+    set_positive_weights(t, up, pos, w);
     // Excluded pairs were not masked before exp (a fully excluded row has lse = -inf and would
     // give exp(-inf + inf) = NaN): whatever they hold now is overwritten.
     fill_excluded(p, t, w, 0.f);
