@@ -16,7 +16,8 @@
 // g_i ((q_ij - 1 / count_i) - q_ij r_i) for a positive, q_ij = exp(s_ij - lse_pos_i) (exactly 1
 // for a single positive); the Python module says why this keeps late-training losses exact.
 // Positives are few (one per anchor for NT-Xent and CLIP), so each tile finds them (labels
-// compared, then nonzero) and treats them as a sparse list; the dense work is the negatives'.
+// compared, then nonzero; skipped where the tile's row and column label ranges cannot meet) and
+// treats them as a sparse list; the dense work is the negatives'.
 // Gram is the symmetric case b = a, offset 0, where only tiles J >= I are visited and each tile
 // serves the rows of block I and, through its columns, the rows of block J.
 //
@@ -46,6 +47,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -124,10 +127,24 @@ struct PairProblem {
   // the row accumulators, and a diagonal tile (I == J) contributes through its rows only.
   bool symmetric;
   int64_t tile_m, tile_n;
+  // (min, max) label of each row block of a and each column block of b: a tile whose two ranges
+  // do not meet has no positive (most tiles of NT-Xent and CLIP), and skips looking for them.
+  std::vector<std::pair<int64_t, int64_t>> row_block_labels, col_block_labels;
 
   int64_t rows() const { return a.size(0); }
   int64_t cols() const { return b.size(0); }
 };
+
+/// (min, max) of labels (n,) over each block of `block` consecutive entries.
+std::vector<std::pair<int64_t, int64_t>> block_label_ranges(const Tensor& labels, int64_t block) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (int64_t start = 0; start < labels.size(0); start += block) {
+    const Tensor part = labels.narrow(0, start, std::min(block, labels.size(0) - start));
+    const auto [lo, hi] = at::aminmax(part);
+    ranges.emplace_back(lo.item<int64_t>(), hi.item<int64_t>());
+  }
+  return ranges;
+}
 
 PairProblem make_problem(Tensor a, Tensor b, Tensor a_labels, Tensor b_labels, float scale,
                          std::optional<int64_t> offset, bool symmetric) {
@@ -137,8 +154,10 @@ PairProblem make_problem(Tensor a, Tensor b, Tensor a_labels, Tensor b_labels, f
   const int64_t tile_m = std::max<int64_t>(1, std::min(m, kTileRows));
   const int64_t cross_n = std::clamp(kTileElems / tile_m, kTileRows, kMaxTileCols);
   const int64_t tile_n = symmetric ? tile_m : std::max<int64_t>(1, std::min(n, cross_n));
+  auto row_ranges = block_label_ranges(a_labels, tile_m);
+  auto col_ranges = block_label_ranges(b_labels, tile_n);
   return {std::move(a), std::move(b), std::move(a_labels), std::move(b_labels), scale, offset,
-          symmetric, tile_m, tile_n};
+          symmetric, tile_m, tile_n, std::move(row_ranges), std::move(col_ranges)};
 }
 
 /// One tile: rows [i0, i0 + tm) of a, rows [j0, j0 + tn) of b.
@@ -213,6 +232,12 @@ struct Positives {
 /// The kept pairs of tile t with equal labels, and their logits read from s (tm, tn).
 Positives find_positives(const PairProblem& p, const Tile& t, const Tensor& s,
                          const Scratch& buf) {
+  const auto& rows_in = p.row_block_labels[t.i0 / p.tile_m];
+  const auto& cols_in = p.col_block_labels[t.j0 / p.tile_n];
+  if (rows_in.second < cols_in.first || cols_in.second < rows_in.first) {
+    const Tensor none = at::empty({0}, p.a_labels.options());
+    return {none, none, none, at::empty({0}, s.options())};
+  }
   Tensor mask = tile_view(buf.mask, t);
   at::eq_out(mask, p.a_labels.narrow(0, t.i0, t.tm).unsqueeze(1),
              p.b_labels.narrow(0, t.j0, t.tn).unsqueeze(0));
