@@ -11,6 +11,7 @@ from fastcl.ops.contrastive import (
     bank_lse_ref,
     cross_contrastive,
     cross_contrastive_ref,
+    exact_softplus,
     gram_contrastive,
     gram_contrastive_ref,
 )
@@ -135,6 +136,21 @@ def test_single_positive_loss_is_exact_when_small(backend):
     assert loss64.max() < 1e-3 and loss64.min() < 1e-8
     assert (loss >= 0).all()
     assert ((loss.double() - loss64).abs() / loss64).max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_softplus(dtype):
+    """log(1 + exp(x)) to rounding at every x, tiny and huge, and the gradient sigmoid(x) (1/2 at
+    an exact tie x = 0, where a clamp-based form gives 1)."""
+    x = torch.tensor([-1e30, -1000.0, -40.0, -14.0, -1e-3, 0.0, 1e-3, 14.0, 40.0, 1e30],
+                     dtype=dtype, requires_grad=True)
+    y = exact_softplus(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double()
+    truth = torch.where(x64 > 0, x64 + torch.log1p(torch.exp(-x64)), torch.log1p(torch.exp(x64)))
+    eps = torch.finfo(dtype).eps
+    assert ((y.double() - truth).abs() <= eps * truth.abs()).all()
+    assert torch.allclose(grad.double(), torch.sigmoid(x64), rtol=eps, atol=0)
 
 
 def test_nan_propagates(backend):

@@ -57,8 +57,9 @@ TRITON_MAX_DIM = 1024
 # Loss and backward coefficients from the statistics (every backend)
 # ----------------------------------------------------------------------------------------------
 def exact_softplus(x: Tensor) -> Tensor:
-    """log(1 + exp(x)), exact at every x (torch's softplus returns x above a threshold)."""
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+    """log(1 + exp(x)), exact at every x (torch's softplus returns x above a threshold), with the
+    gradient sigmoid(x) everywhere, 1/2 at x = 0 included."""
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def loss_from_stats(stats: Tensor) -> Tensor:
