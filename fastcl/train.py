@@ -368,6 +368,7 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     if unknown_extras:
         raise ValueError(f"{cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
                          f"trainer provides {sorted(extra_sources)}")
+    made_out = not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
@@ -406,6 +407,8 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
         train_seconds = time.perf_counter() - t0
         mean_loss = (loss_sum / n_steps).item()
         if not math.isfinite(mean_loss):
+            if rank == 0 and made_out and not any(out.iterdir()):
+                out.rmdir()  # a run that never wrote anything leaves no empty folder behind
             kept = (f"the last good checkpoint is {ckpt_path} (epoch {epoch})" if epoch else
                     "no checkpoint was written")
             raise FloatingPointError(

@@ -109,6 +109,19 @@ def test_nan_loss_names_the_epoch_and_keeps_the_last_checkpoint(tmp_path, monkey
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+def test_nan_loss_in_the_first_epoch_leaves_no_folder(tmp_path, monkeypatch):
+    """A loss that is NaN from the start: the error says no checkpoint was written, and the output
+    folder the run made is gone (an existing folder would be left as it was)."""
+    from fastcl.methods import SimCLR
+
+    forward = SimCLR.forward
+    monkeypatch.setattr(SimCLR, "forward", lambda self, views, **kw: forward(
+        self, views, **kw) * float("nan"))
+    with pytest.raises(FloatingPointError, match="no checkpoint was written"):
+        train(tiny_config(tmp_path / "run", epochs=2), data=tiny_data())
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("option, value, match", [
     ("lr", float("inf"), "--lr must be a finite number > 0"),
     ("weight_decay", -1.0, "--weight-decay must be a finite number >= 0"),
