@@ -3,7 +3,7 @@ same architecture, on the embedded digits and on the harder digits-shift set.
 
     python benchmarks/methods.py --csv benchmarks/results/methods_cpu.csv       # all 15, both sets
     python benchmarks/methods.py --methods simclr byol --data digits --csv out.csv
-    python benchmarks/methods.py --render benchmarks/results/methods_cpu.csv --readme README.md
+    python benchmarks/methods.py --render benchmarks/results/methods_cpu.csv --readme docs/methods.md
 
 A run trains each (data set, method) in turn with the method's defaults (but for the OVERRIDES,
 where the harder set needs a longer run), prints each row and appends it to --csv as soon as it
