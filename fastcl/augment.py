@@ -5,8 +5,8 @@ Every transform takes images (B, C, H, W) as floats in [0, 1] (C = 1 or 3) and a
 to the whole batch in a few tensor ops: crop and flip are one ``grid_sample``, color jitter is per-
 sample affine maps, the blur a grouped convolution. Nothing runs per image on the host.
 
-``Recipe`` bundles one view's pipeline (the methods' recipes follow docs/methods.md and each method's paper, scaled to small
-images); ``Recipe.__call__`` maps uint8 or float images to normalized float views.
+``Recipe`` bundles one view's pipeline (the methods' recipes follow each method's paper and
+official code, scaled to small images; docs/methods.md lists them); ``Recipe.__call__`` maps uint8 or float images to normalized float views.
 """
 from __future__ import annotations
 
