@@ -6,7 +6,8 @@ to the whole batch in a few tensor ops: crop and flip are one ``grid_sample``, c
 sample affine maps, the blur a grouped convolution. Nothing runs per image on the host.
 
 ``Recipe`` bundles one view's pipeline (the methods' recipes follow each method's paper and
-official code, scaled to small images; docs/methods.md lists them); ``Recipe.__call__`` maps uint8 or float images to normalized float views.
+official code, scaled to small images; docs/methods.md lists them); ``Recipe.__call__`` maps
+uint8 or float images to normalized float views.
 """
 from __future__ import annotations
 
