@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import _checks
+from fastcl._backend import accumulation_dtype
 from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
 from fastcl.ops.contrastive import bank_lse, cross_contrastive, exact_softplus, gram_contrastive
 
@@ -27,13 +28,13 @@ def _embed(x: Tensor, normalize: bool) -> Tensor:
     """Rows L2-normalized in fp32 (then stored back in the input dtype for the kernels), or raw."""
     if not normalize:
         return x
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x)
     return F.normalize(x.to(acc), dim=1).to(x.dtype)
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """(N, D), (N, D) -> (N,) row-wise dot products, accumulated in fp32 (or fp64)."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a)
     return (a.to(acc) * b.to(acc)).sum(dim=1)
 
 
