@@ -219,8 +219,9 @@ def _check_labels(labels, rows: int, features: Tensor) -> None:
 
 
 class PairLoss(nn.Module):
-    """The options the two-view contrastive loss modules hold and check at construction:
-    temperature (float or 0-dim tensor), normalize, reduction and gather."""
+    """The options every contrastive loss module here holds and checks at construction:
+    temperature (float or 0-dim tensor), normalize, reduction and gather. Subclasses take them as
+    ``(temperature=<their default>, *, <their own options>, **options)``."""
 
     def __init__(self, temperature: Temperature, *, normalize: bool = True,
                  reduction: str = "mean", gather: bool = False):
@@ -241,31 +242,24 @@ class NTXentLoss(PairLoss):
                        reduction=self.reduction, gather=self.gather)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(PairLoss):
     """Module form of :func:`info_nce`: ``loss = InfoNCELoss(0.07)(query, key, queue)``."""
 
-    def __init__(self, temperature: Temperature = 0.07, *, symmetric: bool = False,
-                 normalize: bool = True, reduction: str = "mean", gather: bool = False):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.07, *, symmetric: bool = False, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
+        self.symmetric = symmetric
 
     def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
         return info_nce(query, key, negatives, self.temperature, symmetric=self.symmetric,
                         normalize=self.normalize, reduction=self.reduction, gather=self.gather)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(PairLoss):
     """Module form of :func:`supcon`: ``loss = SupConLoss(0.1)(features, labels)``."""
 
-    def __init__(self, temperature: Temperature = 0.1, *, normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False,
-                 base_temperature: Optional[float] = None):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.1, *,
+                 base_temperature: Optional[float] = None, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
         self.base_temperature = base_temperature
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
