@@ -21,6 +21,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -30,6 +32,7 @@
 namespace {
 
 using at::Tensor;
+using fastcl::check_cpu;
 
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetchRows = 8;  // rows ahead of the one being read
@@ -60,22 +63,6 @@ inline void prefetch_row(const T* row, int64_t d) {
 /// log(1 + exp(x)) without overflow, accurate where exp(x) is tiny.
 inline float softplus(float x) { return std::max(x, 0.f) + std::log1p(std::exp(-std::abs(x))); }
 
-/// Calls fn(ptr) with x's data as const float*, const BFloat16* or const Half*.
-template <typename Fn>
-void with_rows(const Tensor& x, Fn&& fn) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return fn(x.const_data_ptr<float>());
-    case at::kBFloat16: return fn(x.const_data_ptr<at::BFloat16>());
-    case at::kHalf: return fn(x.const_data_ptr<at::Half>());
-    default: TORCH_CHECK(false, "bank rows must be float32, bfloat16 or float16, got ",
-                         x.scalar_type());
-  }
-}
-
-void check_cpu(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.defined() && x.device().is_cpu(), name, " must be a CPU tensor");
-}
-
 /// bank (N, D): a contiguous CPU float32/bfloat16/float16 tensor (rows are addressed by index).
 void check_bank(const Tensor& bank, const char* name) {
   check_cpu(bank, name);
@@ -99,22 +86,16 @@ Tensor checked_indices(const Tensor& indices, int64_t n) {
 
 /// f: (B, D) -> contiguous float32.
 Tensor float_rows(const Tensor& f, int64_t d, const char* name) {
-  check_cpu(f, name);
-  TORCH_CHECK(f.dim() == 2 && f.size(1) == d, name, " must have shape (B, ", d, "), got ",
-              f.sizes());
-  return f.to(at::kFloat).contiguous();
+  Tensor x = fastcl::contiguous_float(f, name);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d, name, " must have shape (B, ", d, "), got ",
+              x.sizes());
+  return x;
 }
 
 Tensor float_vector(const Tensor& x, int64_t n, const char* name) {
-  check_cpu(x, name);
-  TORCH_CHECK(x.numel() == n, name, " must have ", n, " elements, got shape ", x.sizes());
-  return x.to(at::kFloat).contiguous();
-}
-
-float scalar(const Tensor& x, const char* name) {
-  check_cpu(x, name);
-  TORCH_CHECK(x.numel() == 1, name, " must be a scalar tensor, got shape ", x.sizes());
-  return x.item<float>();
+  Tensor v = fastcl::contiguous_float(x, name);
+  TORCH_CHECK(v.numel() == n, name, " must have ", n, " elements, got shape ", v.sizes());
+  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -218,8 +199,8 @@ Sampled sampled_inputs(const Tensor& f_in, const Tensor& bank, const Tensor& ind
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == f.size(0) && indices.size(1) >= 1,
               "indices must have shape (", f.size(0), ", K + 1), got ", indices.sizes());
   Tensor idx = checked_indices(indices, bank.size(0));
-  return {f, idx, f.size(0), idx.size(1), d, scalar(scale, "scale"),
-          scalar(nce_shift, "nce_shift")};
+  return {f, idx, f.size(0), idx.size(1), d, fastcl::read_scale(scale),
+          fastcl::read_scale(nce_shift, "nce_shift")};
 }
 
 template <typename T>
@@ -258,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor> sampled_lse_fwd(const Tensor& f, const Tensor
   Tensor positive = at::empty({in.b}, in.f.options());
   Tensor lse = at::empty({in.b}, in.f.options());
   Tensor nce = at::empty({in.b}, in.f.options());
-  with_rows(bank, [&](auto* rows) {
+  fastcl::with_float_data(bank, "bank rows", [&](auto* rows) {
     sampled_fwd_rows(in, rows, positive.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
                      nce.mutable_data_ptr<float>());
   });
@@ -300,7 +281,7 @@ Tensor sampled_lse_bwd(const Tensor& f, const Tensor& bank, const Tensor& indice
   const Tensor grad_lse = float_vector(grad_lse_in, in.b, "grad_lse");
   const Tensor grad_nce = float_vector(grad_nce_in, in.b, "grad_nce");
   Tensor df = at::empty({in.b, in.d}, in.f.options());
-  with_rows(bank, [&](auto* rows) {
+  fastcl::with_float_data(bank, "bank rows", [&](auto* rows) {
     sampled_bwd_rows(in, rows, lse.const_data_ptr<float>(), grad_pos.const_data_ptr<float>(),
                      grad_lse.const_data_ptr<float>(), grad_nce.const_data_ptr<float>(),
                      df.mutable_data_ptr<float>());

@@ -42,6 +42,8 @@
 // The positives always keep a running max, so that a single positive's lse is its logit exactly.
 #include <torch/extension.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -53,6 +55,7 @@
 namespace {
 
 using at::Tensor;
+using fastcl::read_scale;
 
 // Side of a square gram tile and row count of a cross tile. A 512 x 512 fp32 tile (1 MiB) stays
 // in L2 while the elementwise passes run over it, and is big enough for MKL to reach its peak.
@@ -71,24 +74,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ---------------------------------------------------------------------------------------------
 // Input handling
 // ---------------------------------------------------------------------------------------------
-void check_cpu_float(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.defined(), name, " is undefined");
-  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got device ", x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor, got ",
-              x.scalar_type());
-}
-
 /// x: (rows, D) features -> contiguous fp32 (no copy when already so).
 Tensor features(const Tensor& x, const char* name) {
-  check_cpu_float(x, name);
-  TORCH_CHECK(x.dim() == 2, name, " must be 2-D (rows, D), got shape ", x.sizes());
-  return x.to(at::kFloat).contiguous();
-}
-
-float read_scale(const Tensor& scale) {
-  check_cpu_float(scale, "scale");
-  TORCH_CHECK(scale.dim() == 0, "scale must be a 0-dim tensor, got shape ", scale.sizes());
-  return static_cast<float>(scale.item<double>());
+  Tensor f = fastcl::contiguous_float(x, name);
+  TORCH_CHECK(f.dim() == 2, name, " must be 2-D (rows, D), got shape ", f.sizes());
+  return f;
 }
 
 void check_same_dim(const Tensor& q, const Tensor& k) {
@@ -98,7 +88,7 @@ void check_same_dim(const Tensor& q, const Tensor& k) {
 
 /// labels: (n,) integer labels -> contiguous int64.
 Tensor labels_of(const Tensor& x, int64_t n, const char* name) {
-  TORCH_CHECK(x.defined() && x.device().is_cpu(), name, " must be a CPU tensor");
+  fastcl::check_cpu(x, name);
   TORCH_CHECK(at::isIntegralType(x.scalar_type(), /*includeBool=*/false), name,
               " must be an integer tensor, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 1 && x.size(0) == n, name, " must have shape (", n, ",), got ", x.sizes());
@@ -107,10 +97,10 @@ Tensor labels_of(const Tensor& x, int64_t n, const char* name) {
 
 /// coef: (5, n) backward coefficients [g, lse, lse_pos, 1 / count, r] -> contiguous fp32.
 Tensor coefficients(const Tensor& x, int64_t n, const char* name) {
-  check_cpu_float(x, name);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 5 && x.size(1) == n, name, " must have shape (5, ", n,
-              "), got ", x.sizes());
-  return x.to(at::kFloat).contiguous();
+  Tensor c = fastcl::contiguous_float(x, name);
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == 5 && c.size(1) == n, name, " must have shape (5, ", n,
+              "), got ", c.sizes());
+  return c;
 }
 
 // ---------------------------------------------------------------------------------------------

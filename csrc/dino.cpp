@@ -32,6 +32,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "checks.h"  // before cpu_kernels.h: baseline ISA
 #include "cpu_kernels.h"
 
 #include <algorithm>
@@ -212,12 +213,6 @@ struct Problem {
   float ss, ts;
 };
 
-float read_scale(const Tensor& scale, const char* name) {
-  TORCH_CHECK(scale.dim() == 0 && scale.is_floating_point(), name,
-              " must be a 0-dim floating tensor, got shape ", scale.sizes());
-  return static_cast<float>(scale.item<double>());
-}
-
 Problem make_problem(const Tensor& student, const Tensor& teacher, const Tensor& center,
                      const Tensor& student_scale, const Tensor& teacher_scale) {
   fastcl::require_avx2("DINO");
@@ -237,8 +232,9 @@ Problem make_problem(const Tensor& student, const Tensor& teacher, const Tensor&
   TORCH_CHECK(center.numel() == K, "dino_loss: center must have K = ", K, " elements, got ",
               center.sizes());
   return {student.contiguous(), teacher.contiguous(),
-          center.reshape({K}).to(at::kFloat).contiguous(), S, T, B, K,
-          read_scale(student_scale, "student_scale"), read_scale(teacher_scale, "teacher_scale")};
+          fastcl::contiguous_float(center.reshape({K}), "center"), S, T, B, K,
+          fastcl::read_scale(student_scale, "student_scale"),
+          fastcl::read_scale(teacher_scale, "teacher_scale")};
 }
 
 /// Ranges of K per sample: 1 when B alone gives every thread enough items.
@@ -397,9 +393,9 @@ Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor&
   TORCH_CHECK(teacher_stats.sizes() == at::IntArrayRef({2, p.T, p.B}),
               "dino_loss_bwd: teacher_stats must have shape (2, T, B), got ",
               teacher_stats.sizes());
-  const Tensor s_stats = student_stats.to(at::kFloat).contiguous();
-  const Tensor t_stats = teacher_stats.to(at::kFloat).contiguous();
-  const float coef = static_cast<float>(read_scale(grad, "grad") * double(p.ss) /
+  const Tensor s_stats = fastcl::contiguous_float(student_stats, "student_stats");
+  const Tensor t_stats = fastcl::contiguous_float(teacher_stats, "teacher_stats");
+  const float coef = static_cast<float>(fastcl::read_scale(grad, "grad") * double(p.ss) /
                                         (double(p.T) * (p.S - 1) * p.B));
   Tensor dstudent = at::empty({p.S, p.B, p.K}, p.student.options());
   fastcl::advise_huge_pages(dstudent.data_ptr(), dstudent.nbytes());

@@ -52,6 +52,7 @@
 // The hot loops use at::vec (AVX2 + FMA, set up by cpu_kernels.h and checked at run time) and
 // exp_u20, its polynomial exp (about twice as fast as Sleef's, a few 1e-7 relative error, 0
 // below FLT_MIN where terms are negligible).
+#include "checks.h"  // before cpu_kernels.h: baseline ISA
 #include "cpu_kernels.h"
 
 namespace {
@@ -247,7 +248,7 @@ namespace {
 /// scores: (B, K) CPU float32/bfloat16/float16 with unit column stride (copied only if not).
 Tensor checked_scores(const Tensor& scores) {
   fastcl::require_avx2("Sinkhorn");
-  TORCH_CHECK(scores.device().is_cpu(), "scores must be a CPU tensor, got ", scores.device());
+  fastcl::check_cpu(scores, "scores");
   TORCH_CHECK(scores.dim() == 2, "scores must be 2-D (B, K), got shape ", scores.sizes());
   const auto dtype = scores.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -265,17 +266,6 @@ std::vector<float> padded(const char* name, const Tensor& v, int64_t k, float pa
   std::vector<float> out(round_up(k, kLanes), padding);
   std::copy(src.const_data_ptr<float>(), src.const_data_ptr<float>() + k, out.begin());
   return out;
-}
-
-/// Calls fn(ptr) with scores' data as const float*, const BFloat16* or const Half*.
-template <typename Fn>
-void with_scores(const Tensor& scores, Fn&& fn) {
-  switch (scores.scalar_type()) {
-    case at::kFloat: return fn(scores.const_data_ptr<float>());
-    case at::kBFloat16: return fn(scores.const_data_ptr<at::BFloat16>());
-    case at::kHalf: return fn(scores.const_data_ptr<at::Half>());
-    default: TORCH_CHECK(false, "unsupported scores dtype ", scores.scalar_type());
-  }
 }
 
 /// Number of row chunks for b rows: a few per thread, each of at least one block of rows.
@@ -302,7 +292,7 @@ std::tuple<Tensor, Tensor> sinkhorn_init_fwd(const Tensor& scores_in, double inv
   const int64_t b = scores.size(0), k = scores.size(1), kp = round_up(k, kLanes);
   const int64_t chunks = num_chunks(b);
   std::vector<float> chunk_max(chunks * kp, -kInf), chunk_sum(chunks * kp, 0.f);
-  with_scores(scores, [&](auto* data) {
+  fastcl::with_float_data(scores, "scores", [&](auto* data) {
     for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
       init_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps),
                 chunk_max.data() + c * kp, chunk_sum.data() + c * kp);
@@ -381,7 +371,7 @@ std::tuple<Tensor, Tensor> softmax_pass(const Tensor& scores_in, double inv_eps,
   std::vector<float> chunk_sum(with_col_sum ? chunks * kp : 0, 0.f);
   Tensor codes = with_codes ? new_codes(scores) : Tensor();
   float* out = with_codes ? codes.mutable_data_ptr<float>() : nullptr;
-  with_scores(scores, [&](auto* data) {
+  fastcl::with_float_data(scores, "scores", [&](auto* data) {
     for_each_chunk(b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
       softmax_rows(data, scores.stride(0), b0, b1, k, static_cast<float>(inv_eps), col_max.data(),
                    potential.data(),

@@ -48,10 +48,10 @@ def cpu_backend_name() -> str:
     return _state["cpu"]
 
 
-def accumulation_dtype(x) -> torch.dtype:
-    """Accumulation/output dtype of the ops: float32, or float64 for float64 inputs (which run
-    the reference)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def accumulation_dtype(*tensors) -> torch.dtype:
+    """Accumulation/output dtype of the ops: float32, or float64 when any of the given tensors is
+    float64 (those run the reference)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def kernels_for(x, family: str, triton_fits: bool = True):

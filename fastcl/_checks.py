@@ -60,10 +60,11 @@ def reduction(value: str) -> str:
     return value
 
 
-def positive_scalar(name: str, value) -> Optional[float]:
+def positive_scalar(name: str, value, *, tensor: bool = True) -> Optional[float]:
     """A float, or a 0-dim floating tensor; its value is checked (and returned) unless that would
-    cost a host sync (a CUDA tensor) or a graph break (under torch.compile): None then."""
-    if isinstance(value, Tensor):
+    cost a host sync (a CUDA tensor) or a graph break (under torch.compile): None then.
+    tensor=False: a Python number only (a fixed value that gets no gradient), returned as a float."""
+    if isinstance(value, Tensor) and tensor:
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {value.dtype} "
                             f"tensor of shape {tuple(value.shape)}")
@@ -71,7 +72,8 @@ def positive_scalar(name: str, value) -> Optional[float]:
             return None
         value = float(value.detach())
     elif isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+        expected = "a float or a 0-dim tensor" if tensor else "a float (fixed: no gradient)"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
@@ -86,11 +88,13 @@ def unit_interval(name: str, value) -> float:
     return float(value)
 
 
-def inverse_temperature(temperature, like: Tensor, name: str = "temperature") -> Tensor:
+def inverse_temperature(temperature, like: Tensor, name: str = "temperature", *,
+                        tensor: bool = True) -> Tensor:
     """scale = 1 / temperature as a 0-dim tensor on like's device, in like's accumulation dtype
     (float32; float64 for float64 inputs, so that they stay float64-exact), differentiable in a
-    tensor temperature. A CPU temperature tensor may drive inputs on any device."""
-    value = positive_scalar(name, temperature)
+    tensor temperature. A CPU temperature tensor may drive inputs on any device.
+    tensor=False: temperature must be a Python float (a fixed one, see positive_scalar)."""
+    value = positive_scalar(name, temperature, tensor=tensor)
     acc = accumulation_dtype(like)
     largest = torch.finfo(acc).max
     if value is not None and 1.0 / value > largest:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastcl._backend import accumulation_dtype
+
 # Linear sRGB -> XYZ (IEC 61966-2-1 primaries, D65), rows X, Y, Z.
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
                (0.2126729, 0.7151522, 0.0721750),
@@ -51,7 +53,7 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     """rgb (..., 3, H, W), sRGB in [0, 1] -> Lab (..., 3, H, W): L in [0, 100], a, b unbounded
     (about [-128, 127] over the sRGB gamut). Computed in the input's dtype (at least float32)."""
     _check_rgb(rgb)
-    x = rgb if rgb.dtype == torch.float64 else rgb.float()
+    x = rgb.to(accumulation_dtype(rgb))
     linear = _srgb_to_linear(x.clamp(0, 1))
     matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
     white = torch.tensor(_WHITE_D65, dtype=x.dtype, device=x.device)

@@ -19,7 +19,7 @@ The ops and their kernels are in fastcl/ops/bank.py.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -149,15 +149,6 @@ class Queue(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # InstDisc / CMC memory bank
 # ----------------------------------------------------------------------------------------------
-def _check_temperature(temperature) -> float:
-    """A fixed temperature: a Python float > 0 (the sampled losses give it no gradient)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a float (fixed: no gradient), got "
-                        f"{type(temperature).__name__}")
-    _checks.positive_scalar("temperature", temperature)
-    return float(temperature)
-
-
 class MemoryBank(nn.Module):
     """InstDisc's memory bank (and each of CMC's two): one `dim`-row per training item.
 
@@ -228,14 +219,12 @@ def _sampled_inputs(features, bank, indices, temperature, normalize):
     if indices.shape[1] < 2:
         raise ValueError(f"indices must have shape (B, K + 1) with K >= 1 negatives, got "
                          f"{tuple(indices.shape)}")
-    inverse_temperature = 1.0 / _check_temperature(temperature)
     f = _embed(features, normalize)
     if bank.dtype == torch.float64:
         f = f.double()  # the reference then runs in float64
-    # float32 for the kernels; float64 inputs run the reference in float64 throughout.
-    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    scale = torch.full((), inverse_temperature, dtype=acc, device=bank.device)
-    return f, bank.detach(), scale
+    # float32 for the kernels; float64 inputs run the reference in float64 throughout. The
+    # temperature is fixed (tensor=False): the sampled losses give it no gradient.
+    return f, bank.detach(), _checks.inverse_temperature(temperature, f, tensor=False)
 
 
 def sampled_info_nce(features: Tensor, bank: Tensor, indices: Tensor,
@@ -298,7 +287,8 @@ class InstDiscNCELoss(nn.Module):
                  normalize: bool = True, reduction: str = "mean"):
         super().__init__()
         self.num_items = _check_count("num_items", num_items)
-        self.temperature, self.normalize = _check_temperature(temperature), normalize
+        self.temperature = _checks.positive_scalar("temperature", temperature, tensor=False)
+        self.normalize = normalize
         self.reduction = _checks.reduction(reduction)
         self.register_buffer("z", torch.full((), float("nan")))
         self._z_frozen = False  # a Python flag, so that forward never reads z on the host

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import _checks
+from fastcl._backend import accumulation_dtype
 from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
 from fastcl.ops.contrastive import bank_lse, cross_contrastive, exact_softplus, gram_contrastive
 
@@ -27,13 +28,13 @@ def _embed(x: Tensor, normalize: bool) -> Tensor:
     """Rows L2-normalized in fp32 (then stored back in the input dtype for the kernels), or raw."""
     if not normalize:
         return x
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x)
     return F.normalize(x.to(acc), dim=1).to(x.dtype)
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """(N, D), (N, D) -> (N,) row-wise dot products, accumulated in fp32 (or fp64)."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a)
     return (a.to(acc) * b.to(acc)).sum(dim=1)
 
 
@@ -218,8 +219,9 @@ def _check_labels(labels, rows: int, features: Tensor) -> None:
 
 
 class PairLoss(nn.Module):
-    """The options the two-view contrastive loss modules hold and check at construction:
-    temperature (float or 0-dim tensor), normalize, reduction and gather."""
+    """The options every contrastive loss module here holds and checks at construction:
+    temperature (float or 0-dim tensor), normalize, reduction and gather. Subclasses take them as
+    ``(temperature=<their default>, *, <their own options>, **options)``."""
 
     def __init__(self, temperature: Temperature, *, normalize: bool = True,
                  reduction: str = "mean", gather: bool = False):
@@ -240,31 +242,24 @@ class NTXentLoss(PairLoss):
                        reduction=self.reduction, gather=self.gather)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(PairLoss):
     """Module form of :func:`info_nce`: ``loss = InfoNCELoss(0.07)(query, key, queue)``."""
 
-    def __init__(self, temperature: Temperature = 0.07, *, symmetric: bool = False,
-                 normalize: bool = True, reduction: str = "mean", gather: bool = False):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.07, *, symmetric: bool = False, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
+        self.symmetric = symmetric
 
     def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
         return info_nce(query, key, negatives, self.temperature, symmetric=self.symmetric,
                         normalize=self.normalize, reduction=self.reduction, gather=self.gather)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(PairLoss):
     """Module form of :func:`supcon`: ``loss = SupConLoss(0.1)(features, labels)``."""
 
-    def __init__(self, temperature: Temperature = 0.1, *, normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False,
-                 base_temperature: Optional[float] = None):
-        super().__init__()
-        _checks.positive_scalar("temperature", temperature)
-        self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+    def __init__(self, temperature: Temperature = 0.1, *,
+                 base_temperature: Optional[float] = None, **options):
+        super().__init__(temperature, **options)  # normalize, reduction, gather
         self.base_temperature = base_temperature
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl import _checks
+from fastcl._backend import accumulation_dtype
 from fastcl.distributed import all_gather_no_grad, world
 from fastcl.losses.contrastive import PairLoss, Temperature, _reduce
 from fastcl.ops.contrastive import exact_softplus
@@ -64,7 +65,7 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     scale = _checks.inverse_temperature(temperature, z1)
     # Rows stay in fp32 once normalized: rounded back to bf16 (as the kernels' inputs are), they
     # put the loss of near-duplicate views 2% off its float64 value instead of 1e-5.
-    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(z1)
     anchors = torch.cat([z1, z2]).to(acc)
     anchors = F.normalize(anchors, dim=1) if normalize else anchors
     keys = anchors.detach()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import _checks
+from fastcl._backend import accumulation_dtype
 from fastcl.losses.contrastive import _reduce, _row_dot
 
 
@@ -21,7 +22,7 @@ def negative_cosine(p: Tensor, z: Tensor, *, reduction: str = "mean") -> Tensor:
     """-cos(p_i, sg(z_i)) per row of p, z (N, D); only p gets a gradient. reduction="none": (N,)."""
     _checks.paired_embeddings(p=p, z=z)
     _checks.reduction(reduction)
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(p)
     cos = _row_dot(F.normalize(p.to(acc), dim=1), F.normalize(z.detach().to(acc), dim=1))
     return _reduce(-cos, reduction)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import _checks
+from fastcl._backend import accumulation_dtype
 from fastcl.losses.contrastive import _check_labels, _reduce
 
 MININGS = ("batch_hard", "semi_hard")
@@ -45,7 +46,7 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 def pairwise_distances(x: Tensor, *, distance: str = "squared") -> Tensor:
     """x (M, D) -> (M, M) squared or plain Euclidean distances, in fp32 (fp64 for fp64 input)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x)
     x = x.to(acc)
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0)
@@ -97,7 +98,7 @@ def triplet_margin(embeddings: Tensor, labels: Tensor, margin: float = 0.2, *,
     # Rows normalized in the distances' fp32 (fp64 for fp64): normalized in bf16, or rounded back
     # to bf16, they mine other triplets than float64 does from the same inputs in 20-100% of
     # random batches (fp32: none).
-    x = embeddings.to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+    x = embeddings.to(accumulation_dtype(embeddings))
     x = F.normalize(x, dim=1) if normalize else x
     dist = pairwise_distances(x, distance=distance)
     anchor, pos, neg = mine_triplets(dist, labels, mining)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl._checks import FLOAT_DTYPES
-from fastcl._backend import kernels_for
+from fastcl._backend import accumulation_dtype, kernels_for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def momentum_update_ref(target: list[Tensor], online: list[Tensor], momentum: Te
     """
     momentum = momentum.to(torch.float64)
     for t, o in zip(target, online):
-        acc = torch.float64 if torch.float64 in (t.dtype, o.dtype) else torch.float32
+        acc = accumulation_dtype(t, o)
         keep, take = momentum.to(t.device, acc), (1 - momentum).to(t.device, acc)
         t.copy_(keep * t.to(acc) + take * o.to(acc))
 

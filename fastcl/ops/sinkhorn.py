@@ -53,8 +53,7 @@ log w) instead of recomputing exponentials from the scores (``_sinkhorn_cpu``).
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 import torch.distributed as dist
@@ -233,13 +232,6 @@ def _(scores, epsilon, iterations, gather):
     return scores.new_empty(scores.shape, dtype=accumulation_dtype(scores))
 
 
-def _check_epsilon(epsilon) -> None:
-    if isinstance(epsilon, bool) or not isinstance(epsilon, Real):
-        raise TypeError(f"epsilon must be a float, got {type(epsilon).__name__}")
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
-
-
 def _check_iterations(iterations) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, Integral):
         raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
@@ -266,6 +258,6 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     grad.
     """
     _checks.embeddings("scores", scores)
-    _check_epsilon(epsilon)
+    _checks.positive_scalar("epsilon", epsilon, tensor=False)
     _check_iterations(iterations)
     return _sinkhorn(scores.detach(), float(epsilon), int(iterations), bool(gather))
