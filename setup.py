@@ -8,7 +8,7 @@ CUDA toolkit. Environment variable (also listed in README.md):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTCL_SKIP_EXT", "0") != "1":
@@ -24,10 +24,26 @@ if os.environ.get("FASTCL_SKIP_EXT", "0") != "1":
             extra_link_args=["-fopenmp"],
         )
     )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """One object folder for every build of this checkout: pip's editable builds otherwise
+        compile in a fresh temporary folder each time, so the README's second command (-e ".[test]"
+        after -e .) and the wheel that .ci/wheel_smoke.sh builds after it would recompile it all;
+        here ninja recompiles only what changed (sources, headers, flags) and the rest relinks."""
+
+        def initialize_options(self):
+            super().initialize_options()
+            self.build_temp = os.path.join("build", "ext-objects")  # --build-temp still overrides
+
+    cmdclass["build_ext"] = BuildExt
+
+# Every package under fastcl/ is found, not listed (a hand-kept list once left fastcl.methods out
+# of the wheel). The top-level kernels/ ships as fastcl.kernels; sorted() and the set drop the
+# duplicate that a checkout's fastcl/kernels -> ../kernels symlink would add.
+packages = sorted(set(find_packages(include=["fastcl", "fastcl.*"])) | {"fastcl.kernels"})
 
 setup(
-    packages=["fastcl", "fastcl.ops", "fastcl.losses", "fastcl.kernels"],
+    packages=packages,
     package_dir={"fastcl.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
