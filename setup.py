@@ -38,8 +38,7 @@ if os.environ.get("FASTCL_SKIP_EXT", "0") != "1":
     cmdclass["build_ext"] = BuildExt
 
 # Every package under fastcl/ is found, not listed (a hand-kept list once left fastcl.methods out
-# of the wheel). The top-level kernels/ ships as fastcl.kernels; sorted() and the set drop the
-# duplicate that a checkout's fastcl/kernels -> ../kernels symlink would add.
+# of the wheel). The top-level kernels/ ships as fastcl.kernels (the set keeps it once).
 packages = sorted(set(find_packages(include=["fastcl", "fastcl.*"])) | {"fastcl.kernels"})
 
 setup(
