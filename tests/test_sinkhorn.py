@@ -2,7 +2,7 @@
 SwAV's literal code wherever it is finite, the log-domain math everywhere (overflow cases
 included); 16-bit and strided inputs, NaN, input checks, no gradient, torch.compile, opcheck, the
 Triton kernels with tiny blocks, and gather=True over 2 gloo processes; finite and equal to a
-float64 log-domain truth for any finite scores, epsilon and iterations (issue 13)."""
+float64 log-domain truth for any finite scores, epsilon and iterations."""
 from functools import partial
 from types import SimpleNamespace
 
@@ -143,7 +143,7 @@ def assert_close_to_log64(codes, scores, epsilon, iterations, what="codes"):
 
 @pytest.mark.parametrize("b,k,iterations", [(256, 3000, 38), (8, 65536, 11)])
 def test_many_iterations(backend, b, k, iterations):
-    """Issue 13: the C++ path's column weights grew ~K/B per iteration without renormalization
+    """Regression: the C++ path's column weights grew ~K/B per iteration without renormalization
     and overflowed to inf (all-NaN codes) past a shape-dependent count: 38 at B 256, K 3000."""
     if triton_interpreted(backend):
         pytest.skip("too slow under the Triton interpreter; test_iterations_property covers it")
@@ -156,7 +156,7 @@ def test_many_iterations(backend, b, k, iterations):
 @pytest.mark.parametrize("epsilon", [1e-10, 1e-12])
 @pytest.mark.parametrize("iterations", [3, 30])
 def test_tiny_epsilon(backend, epsilon, iterations):
-    """Issue 13: randn(16, 8) at epsilon 1e-10 gave NaN on the C++ path; the float32 reference
+    """Regression: randn(16, 8) at epsilon 1e-10 gave NaN on the C++ path; the float32 reference
     lost the scalings' O(1) updates next to logits of 1e10 (codes off by 0.3)."""
     scores = torch.randn(16, 8, device=backend)
     assert_close_to_log64(sinkhorn(scores, epsilon, iterations), scores, epsilon, iterations)
@@ -164,7 +164,7 @@ def test_tiny_epsilon(backend, epsilon, iterations):
 
 @pytest.mark.parametrize("scale", [1e8, 1e30])
 def test_huge_scores(backend, scale):
-    """Issue 13: scores * 1e8 at epsilon 0.05 gave wrong codes on the C++ path (off by 0.95),
+    """Regression: scores * 1e8 at epsilon 0.05 gave wrong codes on the C++ path (off by 0.95),
     scores * 1e30 gave NaN."""
     scores = similarities(64, 300, scale, backend)
     assert_close_to_log64(sinkhorn(scores, 0.05, 3), scores, 0.05, 3)
@@ -197,10 +197,10 @@ def extreme_problems(draw, max_iterations=200):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_iterations_property(backend, data):
-    """Finite and equal to the float64 log-domain truth over the whole range of issue 13. Under
-    the Triton interpreter (about 0.1 s per kernel launch) fewer examples run, with iterations up
-    to 30; the passes are the same at any count, and the driver between them is shared with the
-    C++ path's exact passes."""
+    """Finite and equal to the float64 log-domain truth over the whole range: iterations 1..200,
+    epsilon down to 1e-12, scores up to 1e30. Under the Triton interpreter (about 0.1 s per kernel
+    launch) fewer examples run, with iterations up to 30; the passes are the same at any count,
+    and the driver between them is shared with the C++ path's exact passes."""
     if triton_interpreted(backend) and data.draw(st.integers(0, 4), label="subsample"):
         return
     max_iterations = 30 if triton_interpreted(backend) else 200
@@ -210,7 +210,7 @@ def test_iterations_property(backend, data):
 
 
 def test_dino_sinkhorn_centering_many_iterations():
-    """Issue 13 through DINO: dino_loss_sinkhorn(iterations=40) and DINOLoss(centering=
+    """Regression through DINO: dino_loss_sinkhorn(iterations=40) and DINOLoss(centering=
     "sinkhorn", sinkhorn_iterations=40) on 8 teacher rows x 4096 prototypes were NaN; they equal
     the float64 formula (SwAV's code in float64, finite here)."""
     from test_dino import max_error, sinkhorn_centered_truth
