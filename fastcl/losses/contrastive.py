@@ -191,12 +191,13 @@ def supcon(
     rank, size = world() if gather else (0, 1)
     if u.shape[0] * size < 2:
         raise ValueError(f"features need at least 2 rows, got {u.shape[0]}")
+    labels = labels.long()  # the ops' label dtype
     if size > 1:
-        losses, _, stats, _ = cross_contrastive(u, all_gather_with_grad(u), labels.long(),
-                                                all_gather_no_grad(labels.long()), scale,
+        losses, _, stats, _ = cross_contrastive(u, all_gather_with_grad(u), labels,
+                                                all_gather_no_grad(labels), scale,
                                                 rank * u.shape[0], False)
     else:
-        losses, stats = gram_contrastive(u, labels.long(), scale)
+        losses, stats = gram_contrastive(u, labels, scale)
     has_positive = stats[3] > 0
     losses = torch.where(has_positive, losses, 0.0)
     if base_temperature is not None:

@@ -174,11 +174,6 @@ def _split_offset(diag_offset: Optional[int]) -> tuple[int, bool]:
     return (0, False) if diag_offset is None else (diag_offset, True)
 
 
-def _float_scale(scale: Tensor, x: Tensor) -> Tensor:
-    """The scale in the accumulation dtype the kernels read."""
-    return scale.to(accumulation_dtype(x))
-
-
 # ----------------------------------------------------------------------------------------------
 # fastcl::gram_contrastive
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +183,7 @@ def gram_contrastive(u: Tensor, labels: Tensor, scale: Tensor) -> tuple[Tensor, 
     kernels = _kernels(u)
     if kernels is None:
         return gram_contrastive_ref(u, labels, scale)
-    stats = kernels.gram_stats_fwd(u, labels, _float_scale(scale, u))
+    stats = kernels.gram_stats_fwd(u, labels, scale)
     return loss_from_stats(stats), stats
 
 
@@ -204,7 +199,7 @@ def gram_contrastive_backward(u: Tensor, labels: Tensor, scale: Tensor, coef: Te
     kernels = _kernels(u)
     if kernels is None:
         return gram_contrastive_backward_ref(u, labels, scale, coef)
-    return kernels.gram_stats_bwd(u, labels, _float_scale(scale, u), coef)
+    return kernels.gram_stats_bwd(u, labels, scale, coef)
 
 
 @gram_contrastive_backward.register_fake
@@ -247,7 +242,7 @@ def cross_contrastive(
     if kernels is None:
         return cross_contrastive_ref(q, k, q_labels, k_labels, scale, diag_offset, with_col)
     stats, col_stats = kernels.cross_stats_fwd(
-        q, k, q_labels, k_labels, _float_scale(scale, q), *_split_offset(diag_offset), with_col
+        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), with_col
     )
     return loss_from_stats(stats), loss_from_stats(col_stats), stats, col_stats
 
@@ -273,7 +268,7 @@ def cross_contrastive_backward(
             q, k, q_labels, k_labels, scale, diag_offset, coef, col_coef, need_dk
         )
     return kernels.cross_stats_bwd(
-        q, k, q_labels, k_labels, _float_scale(scale, q), *_split_offset(diag_offset), coef,
+        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), coef,
         col_coef, need_dk,
     )
 
