@@ -1,12 +1,20 @@
-"""Where each op's kernels come from: the C++ extension (CPU), the Triton kernels (CUDA) or the
-PyTorch reference.
+"""Where each op's kernels come from, chosen by PyTorch's dispatcher per device: the C++ extension
+(``fastcl._C``) for CPU tensors, the Triton kernels (``fastcl.kernels.<family>``) for CUDA tensors,
+the op's own body (its PyTorch reference) on any other device.
 
-Nothing here touches CUDA or imports triton at import time. The CPU backend can be overridden,
-e.g. to run the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1`` in tests:
+Each family registers its ops with ``register_backends``: the ``torch.library.custom_op`` body
+runs the reference and stays the default kernel, and ``op.register_kernel("cpu" / "cuda")`` adds
+the fast paths, which fall back to the reference for float64 inputs, shapes the Triton kernels do
+not take, and (on CPU) a missing extension. The dispatcher, not module state, picks the device:
+one op, per-device kernels, as torchao does with ``TORCH_LIBRARY_IMPL``.
+
+The one setting left is what runs CPU tensors, e.g. the Triton kernels under
+``TRITON_INTERPRET=1`` in tests, or the reference:
 
     FASTCL_CPU_BACKEND=cpp|triton|reference   (default: cpp)
 
-or, inside a process, with ``fastcl.ops.cpu_backend("triton")``.
+or, inside a process, ``fastcl.ops.cpu_backend("triton")``. Nothing here touches CUDA or imports
+triton at import time.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import contextlib
 import importlib
 import os
 import warnings
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -45,28 +54,8 @@ def triton_module(family: str):
 
 
 def cpu_backend_name() -> str:
+    """What runs CPU tensors: "cpp", "triton" or "reference"."""
     return _state["cpu"]
-
-
-def accumulation_dtype(*tensors) -> torch.dtype:
-    """Accumulation/output dtype of the ops: float32, or float64 when any of the given tensors is
-    float64 (those run the reference)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def kernels_for(x, family: str, triton_fits: bool = True):
-    """The module with `family`'s fast kernels for tensor x, or None to run the reference:
-    the C++ extension (or the chosen CPU backend) on CPU, Triton on CUDA when the shape fits
-    (triton_fits), the reference on any other device and for float64."""
-    if x.dtype == torch.float64:
-        return None
-    if x.device.type == "cpu":
-        if _state["cpu"] == "cpp":
-            return cpp_extension()
-        return triton_module(family) if _state["cpu"] == "triton" else None
-    if x.device.type == "cuda" and triton_fits:
-        return triton_module(family)
-    return None
 
 
 @contextlib.contextmanager
@@ -79,3 +68,60 @@ def cpu_backend(name: str):
         yield
     finally:
         _state["cpu"] = previous
+
+
+def accumulation_dtype(*tensors) -> torch.dtype:
+    """Accumulation/output dtype of the ops: float32, or float64 when any of the given tensors is
+    float64 (those run the reference)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+Launch = Union[str, Callable]
+
+
+def _launcher(launch: Launch) -> Callable:
+    """launch(kernels, *args), from a callable or the name of a launcher taking the op's args."""
+    if isinstance(launch, str):
+        return lambda kernels, *args: getattr(kernels, launch)(*args)
+    return launch
+
+
+def register_backends(op, family: str, reference: Callable, launch: Launch, *,
+                      cpp_launch: Optional[Launch] = None,
+                      triton_max_dim: Optional[int] = None) -> None:
+    """Registers the fast kernels of the custom op `op` with PyTorch's dispatcher: a CPU kernel
+    running the C++ extension (or the backend cpu_backend / FASTCL_CPU_BACKEND chose) and a CUDA
+    kernel running the Triton kernels of ``fastcl.kernels.<family>``. op's body, which runs the
+    reference, stays the default for every other device; its fake runs for meta / fake tensors.
+
+    reference(*args): the op's reference, called with the op's arguments. Both kernels run it for
+        float64 inputs (op's first argument; ops over lists of tensors choose per tensor in their
+        launch), rows wider than triton_max_dim on Triton, and on CPU without a built extension
+        (one warning) or under cpu_backend("reference").
+    launch: launch(kernels, *args) running the op on `kernels`, the module ``fastcl._C`` or
+        ``fastcl.kernels.<family>`` (whose launchers share names and contracts), or the name of
+        the launcher to call with the op's arguments.
+    cpp_launch: the same for the C++ kernels only, where they differ from launch.
+    triton_max_dim: the Triton kernels keep a whole row of op's first argument (..., D) in
+        registers; with D larger than this the reference runs instead (None: any D).
+    """
+    triton_launch = _launcher(launch)
+    cpp_launch = _launcher(launch if cpp_launch is None else cpp_launch)
+
+    def fast_path(first) -> bool:
+        return not (isinstance(first, torch.Tensor) and first.dtype == torch.float64)
+
+    def triton_or_reference(*args):
+        if fast_path(args[0]) and (triton_max_dim is None or args[0].shape[-1] <= triton_max_dim):
+            return triton_launch(triton_module(family), *args)
+        return reference(*args)
+
+    def cpu_kernel(*args):
+        backend = _state["cpu"] if fast_path(args[0]) else "reference"
+        if backend == "triton":
+            return triton_or_reference(*args)
+        ext = cpp_extension() if backend == "cpp" else None
+        return reference(*args) if ext is None else cpp_launch(ext, *args)
+
+    op.register_kernel("cpu", cpu_kernel)
+    op.register_kernel("cuda", triton_or_reference)

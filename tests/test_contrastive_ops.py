@@ -174,6 +174,11 @@ def test_opcheck():
     coef = backward_coefficients(stats, torch.randn(19))
     torch.library.opcheck(torch.ops.fastcl.gram_contrastive_backward,
                           (u.detach(), y, scale.detach(), coef))
+    _, _, stats, col_stats = cross_contrastive(q, k, yq, yk, scale, 1, True)
+    torch.library.opcheck(torch.ops.fastcl.cross_contrastive_backward,
+                          (q.detach(), k.detach(), yq, yk, scale.detach(), 1,
+                           backward_coefficients(stats.detach(), torch.randn(7)),
+                           backward_coefficients(col_stats.detach(), torch.randn(11)), True))
 
 
 def _available_gib():

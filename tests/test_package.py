@@ -77,3 +77,131 @@ def test_wheel_holds_every_module(tmp_path):
     assert want - names == set(), "modules missing from the wheel"
     assert {"fastcl/methods/__init__.py", "fastcl/kernels/__init__.py"} <= names
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names)
+
+
+# --- backends registered with the dispatcher ---------------------------------------------------
+OPS = ["gram_contrastive", "gram_contrastive_backward", "cross_contrastive",
+       "cross_contrastive_backward", "bank_lse", "ring_enqueue_", "bank_update_", "sampled_lse",
+       "sampled_lse_backward", "dino_loss", "dino_loss_backward", "sinkhorn",
+       "momentum_update_"]
+
+
+class _Spy:
+    """Forwards to a kernels module, recording the launchers looked up on it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.module, name)
+
+
+def _op_case(name: str, dtype):
+    """(custom op, its arguments in `dtype`, the launcher it calls first on the C++ backend)."""
+    from fastcl.ops import bank, contrastive, dino, momentum, sinkhorn
+
+    def x(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, dtype=dtype), dim=-1)
+
+    scale = torch.tensor(2.0, dtype=dtype)
+    cases = {
+        "gram_contrastive": (contrastive.gram_contrastive, (x(6, 4), torch.arange(6) % 3, scale),
+                             "gram_stats_fwd"),
+        "bank_lse": (contrastive.bank_lse, (x(3, 4), x(5, 4), scale), "bank_lse_fwd"),
+        "sampled_lse": (bank.sampled_lse,
+                        (x(2, 4), x(5, 4), torch.randint(5, (2, 3)), scale, scale),
+                        "sampled_lse_fwd"),
+        "bank_update_": (bank.bank_update_, (x(5, 4), torch.tensor([1, 3]), x(2, 4), 0.5),
+                         "bank_update"),
+        "ring_enqueue_": (bank.ring_enqueue_,
+                          (x(4, 3), torch.tensor(3), torch.tensor(3), x(2, 3)), "ring_enqueue"),
+        "dino_loss": (dino.dino_loss, (x(3, 2, 5), x(2, 2, 5), x(5), scale, scale),
+                      "dino_loss_fwd"),
+        "sinkhorn": (sinkhorn._sinkhorn, (x(6, 5), 0.5, 3, False), "sinkhorn_init_fwd"),
+        "momentum_update_": (momentum._momentum_update_,
+                             ([x(3, 2)], [x(3, 2)], torch.tensor(0.9)), "momentum_update_"),
+    }
+    return cases[name]
+
+
+def _outputs(op, args):
+    """op's outputs on a copy of args, or the copies of the arguments it mutates."""
+    args = tuple([t.clone() for t in a] if isinstance(a, list) else
+                 a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    out = op(*args)
+    return args if out is None else out
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_op_has_cpu_and_cuda_kernels(name):
+    """Each op: its body as the default kernel, plus kernels registered for CPU and CUDA."""
+    import fastcl.ops.bank  # noqa: F401  (registers the ops)
+    import fastcl.ops.momentum  # noqa: F401
+
+    for key in ("CompositeExplicitAutograd", "CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcl::{name}", key), key
+
+
+@pytest.mark.parametrize("name", ["gram_contrastive", "bank_lse", "sampled_lse", "bank_update_",
+                                  "ring_enqueue_", "dino_loss", "sinkhorn",
+                                  "momentum_update_"])
+def test_cpu_float32_runs_cpp_and_float64_the_reference(name, monkeypatch):
+    """The dispatcher sends CPU tensors to the registered CPU kernel: float32 reaches the C++
+    launcher; float64, cpu_backend("reference") and the CPU kernel switched off run the op's body
+    (the reference) without touching the extension; all agree."""
+    from fastcl import _backend
+    from fastcl.ops import cpu_backend
+
+    spy = _Spy(_backend.cpp_extension())
+    monkeypatch.setattr(_backend, "cpp_extension", lambda: spy)
+    op, args, launcher = _op_case(name, torch.float32)
+    fast = _outputs(op, args)
+    assert spy.calls[:1] == [launcher]
+    spy.calls.clear()
+    with cpu_backend("reference"):
+        reference = _outputs(op, args)
+    with op.set_kernel_enabled("cpu", enabled=False):
+        body = _outputs(op, args)
+    op64, args64, _ = _op_case(name, torch.float64)
+    _outputs(op64, args64)
+    assert spy.calls == []
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(body, reference, atol=0, rtol=0)
+
+
+def test_wide_rows_skip_triton_on_the_triton_backend(monkeypatch):
+    """On the Triton backend (the interpreter on CPU), rows wider than TRITON_MAX_DIM run the
+    reference; narrower ones reach the Triton launcher."""
+    pytest.importorskip("triton")
+    from fastcl import _backend
+    from fastcl.ops import contrastive, cpu_backend
+
+    spies = {}
+    monkeypatch.setattr(_backend, "triton_module",
+                        lambda family: spies.setdefault(family, _Spy(
+                            __import__(f"fastcl.kernels.{family}", fromlist=["_"]))))
+    u, labels, scale = torch.randn(5, 3), torch.arange(5), torch.tensor(2.0)
+    wide = torch.randn(3, contrastive.TRITON_MAX_DIM + 1)
+    with cpu_backend("triton"):
+        contrastive.gram_contrastive(wide, labels[:3], scale)
+        assert spies == {}
+        contrastive.gram_contrastive(u, labels, scale)
+    assert spies["contrastive"].calls == ["gram_stats_fwd"]
+
+
+def test_compiled_call_reaches_the_cpp_kernel(monkeypatch):
+    """torch.compile(fullgraph=True) keeps the op in the graph; at run time the dispatcher still
+    sends CPU tensors to the C++ kernel, and the gradient matches eager."""
+    import fastcl
+    from fastcl import _backend
+
+    spy = _Spy(_backend.cpp_extension())
+    monkeypatch.setattr(_backend, "cpp_extension", lambda: spy)
+    z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(fastcl.nt_xent, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(z1, z2), z1)
+    assert "gram_stats_fwd" in spy.calls and "gram_stats_bwd" in spy.calls
+    (expected,) = torch.autograd.grad(fastcl.nt_xent(z1, z2), z1)
+    torch.testing.assert_close(grad, expected)

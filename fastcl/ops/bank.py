@@ -30,8 +30,9 @@ negatives sampled from a bank.
   are constants (no gradient either).
 
 Inputs may be float32, bfloat16 or float16 (fp32 arithmetic, fp32 statistics, d f in f's dtype);
-float64 runs the references. Backends, chosen per device: the C++ kernels of csrc/bank.cpp on CPU,
-the Triton kernels of kernels/bank.py on CUDA, the references below anywhere else.
+float64 runs the references. The dispatcher picks the backend by device (``register_backends``):
+the op bodies run the references below (any device), their CPU kernels csrc/bank.cpp and their
+CUDA kernels kernels/bank.py (bank_update_ and sampled_lse for D <= TRITON_MAX_DIM only).
 """
 from __future__ import annotations
 
@@ -39,17 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, kernels_for
+from fastcl._backend import accumulation_dtype, register_backends
 
 # The Triton update and sampled-lse kernels keep a whole feature row in registers; wider rows run
 # the reference.
 TRITON_MAX_DIM = 1024
 # n(x) = x / max(||x||, NORM_EPS), as torch.nn.functional.normalize.
 NORM_EPS = 1e-12
-
-
-def _kernels(x: Tensor, dim: int):
-    return kernels_for(x, "bank", triton_fits=dim <= TRITON_MAX_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,11 +115,10 @@ def sampled_lse_backward_ref(f: Tensor, bank: Tensor, indices: Tensor, scale: Te
 def ring_enqueue_(queue: Tensor, pointer: Tensor, count: Tensor, keys: Tensor) -> None:
     """queue (S, D), pointer () int64, count () int64, keys (B, D) with B <= S: see the module
     docstring. Arguments are checked by fastcl.Queue.enqueue."""
-    kernels = _kernels(queue, 0)
-    if kernels is None:
-        ring_enqueue_ref(queue, pointer, count, keys)
-    else:
-        kernels.ring_enqueue(queue, pointer, count, keys)
+    ring_enqueue_ref(queue, pointer, count, keys)
+
+
+register_backends(ring_enqueue_, "bank", ring_enqueue_ref, "ring_enqueue")
 
 
 @ring_enqueue_.register_fake
@@ -137,11 +133,15 @@ def _(queue, pointer, count, keys):
 def bank_update_(bank: Tensor, indices: Tensor, features: Tensor, momentum: float) -> None:
     """bank (N, D), indices (B,) int64 in [0, N), features (B, D): see the module docstring.
     Arguments are checked by fastcl.MemoryBank.update."""
-    kernels = _kernels(bank, bank.shape[1])
-    if kernels is None:
-        bank_update_ref(bank, indices, features, momentum)
-    else:
-        kernels.bank_update(bank, indices, features, last_occurrence(indices), momentum)
+    bank_update_ref(bank, indices, features, momentum)
+
+
+def _bank_update_launch(kernels, bank, indices, features, momentum):
+    kernels.bank_update(bank, indices, features, last_occurrence(indices), momentum)
+
+
+register_backends(bank_update_, "bank", bank_update_ref, _bank_update_launch,
+                  triton_max_dim=TRITON_MAX_DIM)
 
 
 @bank_update_.register_fake
@@ -157,10 +157,11 @@ def sampled_lse(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor,
                 nce_shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """f (B, D), bank (N, D), indices (B, K + 1) int64, scale (), nce_shift () float32 ->
     (positive, lse, nce), each (B,) float32 (float64 for float64 f). Differentiable in f only."""
-    kernels = _kernels(f, f.shape[1])
-    if kernels is None:
-        return sampled_lse_ref(f, bank, indices, scale, nce_shift)
-    return kernels.sampled_lse_fwd(f, bank, indices, scale, nce_shift)
+    return sampled_lse_ref(f, bank, indices, scale, nce_shift)
+
+
+register_backends(sampled_lse, "bank", sampled_lse_ref, "sampled_lse_fwd",
+                  triton_max_dim=TRITON_MAX_DIM)
 
 
 @sampled_lse.register_fake
@@ -175,12 +176,12 @@ def sampled_lse_backward(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor
                          grad_nce: Tensor) -> Tensor:
     """d f (B, D) float32 (float64 for float64 f) of
     sum(grad_pos * positive + grad_lse * lse + grad_nce * nce)."""
-    kernels = _kernels(f, f.shape[1])
-    if kernels is None:
-        return sampled_lse_backward_ref(f, bank, indices, scale, nce_shift, lse, grad_pos,
-                                        grad_lse, grad_nce)
-    return kernels.sampled_lse_bwd(f, bank, indices, scale, nce_shift, lse, grad_pos, grad_lse,
-                                   grad_nce)
+    return sampled_lse_backward_ref(f, bank, indices, scale, nce_shift, lse, grad_pos, grad_lse,
+                                    grad_nce)
+
+
+register_backends(sampled_lse_backward, "bank", sampled_lse_backward_ref, "sampled_lse_bwd",
+                  triton_max_dim=TRITON_MAX_DIM)
 
 
 @sampled_lse_backward.register_fake

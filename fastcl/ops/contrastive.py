@@ -37,8 +37,10 @@ inputs); it receives a gradient, computed for free from the input gradients (the
 linear in scale). Outputs and gradients are computed in float32 (float64 for float64 inputs,
 which run the reference) and rounded to the input dtype once.
 
-Backends, chosen per device: the C++ kernels of csrc/contrastive.cpp on CPU, the Triton kernels of
-kernels/contrastive.py on CUDA, the references below anywhere else (and for float64).
+Backends, chosen per device by PyTorch's dispatcher (``register_backends``, fastcl/_backend.py):
+each op's body runs the reference below and is the default kernel for any device; the CPU kernel
+runs csrc/contrastive.cpp, the CUDA kernel kernels/contrastive.py for rows of D <= TRITON_MAX_DIM
+(the tiles keep whole rows in registers; wider rows run the reference). float64 runs the reference.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, kernels_for
+from fastcl._backend import accumulation_dtype, register_backends
 
 # The Triton kernels keep a whole row of features in registers; wider rows use the reference.
 TRITON_MAX_DIM = 1024
@@ -164,14 +166,29 @@ def bank_lse_ref(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend selection
+# Kernel launches, the same on both backends (fastcl._C and fastcl.kernels.contrastive)
 # ----------------------------------------------------------------------------------------------
-def _kernels(x: Tensor):
-    return kernels_for(x, "contrastive", triton_fits=x.shape[-1] <= TRITON_MAX_DIM)
-
-
 def _split_offset(diag_offset: Optional[int]) -> tuple[int, bool]:
     return (0, False) if diag_offset is None else (diag_offset, True)
+
+
+def _gram_contrastive_launch(kernels, u, labels, scale):
+    stats = kernels.gram_stats_fwd(u, labels, scale)
+    return loss_from_stats(stats), stats
+
+
+def _cross_contrastive_launch(kernels, q, k, q_labels, k_labels, scale, diag_offset, with_col):
+    stats, col_stats = kernels.cross_stats_fwd(
+        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), with_col
+    )
+    return loss_from_stats(stats), loss_from_stats(col_stats), stats, col_stats
+
+
+def _cross_contrastive_backward_launch(kernels, q, k, q_labels, k_labels, scale, diag_offset,
+                                       coef, col_coef, need_dk):
+    return kernels.cross_stats_bwd(
+        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), coef, col_coef, need_dk
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +197,11 @@ def _split_offset(diag_offset: Optional[int]) -> tuple[int, bool]:
 @torch.library.custom_op("fastcl::gram_contrastive", mutates_args=())
 def gram_contrastive(u: Tensor, labels: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """u (M, D), labels (M,) int64, scale () -> (loss (M,), stats (4, M)), self-pairs left out."""
-    kernels = _kernels(u)
-    if kernels is None:
-        return gram_contrastive_ref(u, labels, scale)
-    stats = kernels.gram_stats_fwd(u, labels, scale)
-    return loss_from_stats(stats), stats
+    return gram_contrastive_ref(u, labels, scale)
+
+
+register_backends(gram_contrastive, "contrastive", gram_contrastive_ref, _gram_contrastive_launch,
+                  triton_max_dim=TRITON_MAX_DIM)
 
 
 @gram_contrastive.register_fake
@@ -196,10 +213,11 @@ def _(u, labels, scale):
 @torch.library.custom_op("fastcl::gram_contrastive_backward", mutates_args=())
 def gram_contrastive_backward(u: Tensor, labels: Tensor, scale: Tensor, coef: Tensor) -> Tensor:
     """du (M, D) in the accumulation dtype, for backward coefficients coef (5, M)."""
-    kernels = _kernels(u)
-    if kernels is None:
-        return gram_contrastive_backward_ref(u, labels, scale, coef)
-    return kernels.gram_stats_bwd(u, labels, scale, coef)
+    return gram_contrastive_backward_ref(u, labels, scale, coef)
+
+
+register_backends(gram_contrastive_backward, "contrastive", gram_contrastive_backward_ref,
+                  "gram_stats_bwd", triton_max_dim=TRITON_MAX_DIM)
 
 
 @gram_contrastive_backward.register_fake
@@ -238,13 +256,11 @@ def cross_contrastive(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (M, D), k (N, D), labels (M,), (N,) int64, scale () -> (loss (M,), col loss (N,) or (0,),
     stats (4, M), col stats (4, N) or (4, 0)); pairs j - i == diag_offset left out."""
-    kernels = _kernels(q)
-    if kernels is None:
-        return cross_contrastive_ref(q, k, q_labels, k_labels, scale, diag_offset, with_col)
-    stats, col_stats = kernels.cross_stats_fwd(
-        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), with_col
-    )
-    return loss_from_stats(stats), loss_from_stats(col_stats), stats, col_stats
+    return cross_contrastive_ref(q, k, q_labels, k_labels, scale, diag_offset, with_col)
+
+
+register_backends(cross_contrastive, "contrastive", cross_contrastive_ref,
+                  _cross_contrastive_launch, triton_max_dim=TRITON_MAX_DIM)
 
 
 @cross_contrastive.register_fake
@@ -262,15 +278,13 @@ def cross_contrastive_backward(
 ) -> tuple[Tensor, Tensor]:
     """(dq (M, D), dk (N, D) or (0,)) in the accumulation dtype, for row coefficients (5, M) and
     column coefficients (5, N) (or (5, 0): the column losses did not reach the loss)."""
-    kernels = _kernels(q)
-    if kernels is None:
-        return cross_contrastive_backward_ref(
-            q, k, q_labels, k_labels, scale, diag_offset, coef, col_coef, need_dk
-        )
-    return kernels.cross_stats_bwd(
-        q, k, q_labels, k_labels, scale, *_split_offset(diag_offset), coef,
-        col_coef, need_dk,
+    return cross_contrastive_backward_ref(
+        q, k, q_labels, k_labels, scale, diag_offset, coef, col_coef, need_dk
     )
+
+
+register_backends(cross_contrastive_backward, "contrastive", cross_contrastive_backward_ref,
+                  _cross_contrastive_backward_launch, triton_max_dim=TRITON_MAX_DIM)
 
 
 @cross_contrastive_backward.register_fake
@@ -313,8 +327,11 @@ cross_contrastive.register_autograd(_cross_grad, setup_context=_cross_setup)
 @torch.library.custom_op("fastcl::bank_lse", mutates_args=())
 def bank_lse(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """q: (M, D), bank: (K, D), scale: () -> (lse (M,), mean (M, D)). No gradient reaches bank."""
-    kernels = _kernels(q)
-    return bank_lse_ref(q, bank, scale) if kernels is None else kernels.bank_lse_fwd(q, bank, scale)
+    return bank_lse_ref(q, bank, scale)
+
+
+register_backends(bank_lse, "contrastive", bank_lse_ref, "bank_lse_fwd",
+                  triton_max_dim=TRITON_MAX_DIM)
 
 
 @bank_lse.register_fake

@@ -25,15 +25,16 @@ are 0-dim float32 tensors (1 / temperature) so that a temperature schedule does 
 torch.compile'd code. student and teacher share a dtype (float32, bfloat16, float16: fp32
 accumulation, fp32 loss and stats, gradient in the input dtype; float64 runs the reference).
 
-Backends, chosen per device: the C++ kernels of csrc/dino.cpp on CPU, the Triton kernels of
-kernels/dino.py on CUDA, the references below anywhere else (and for float64).
+Backends, by device through PyTorch's dispatcher (``register_backends``): the op bodies run the
+references below, the default on any device and for float64; the CPU kernels csrc/dino.cpp and the
+CUDA kernels kernels/dino.py.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, kernels_for
+from fastcl._backend import accumulation_dtype, register_backends
 
 
 def num_pairs(s: int, t: int) -> int:
@@ -76,7 +77,8 @@ def dino_loss_bwd_ref(
     student: Tensor, teacher: Tensor, center: Tensor, student_scale: Tensor, teacher_scale: Tensor,
     student_stats: Tensor, teacher_stats: Tensor, grad: Tensor,
 ) -> Tensor:
-    """d loss / d student (S, B, K) in the accumulation dtype, from the saved stats."""
+    """d (grad * loss) / d student (S, B, K) in student's dtype, computed in the accumulation
+    dtype from the saved stats."""
     acc = accumulation_dtype(student)
     x, u = student.to(acc), teacher.to(acc) - center.to(acc)
     student_scale = student_scale.to(acc)
@@ -89,14 +91,7 @@ def dino_loss_bwd_ref(
     n_s = torch.full((s, 1, 1), t, dtype=acc, device=x.device)
     n_s[:t] -= 1
     coef = grad.to(acc) * student_scale / (num_pairs(s, t) * b)
-    return coef * (n_s * q - (p.sum(0) - own))
-
-
-# ----------------------------------------------------------------------------------------------
-# Backend selection
-# ----------------------------------------------------------------------------------------------
-def _kernels(x: Tensor):
-    return kernels_for(x, "dino")
+    return (coef * (n_s * q - (p.sum(0) - own))).to(student.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,9 +103,10 @@ def dino_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K), center (K,), scales () float32 ->
     (loss (), student_stats (2, S, B), teacher_stats (2, T, B)). Gradient flows to student only."""
-    kernels = _kernels(student)
-    args = (student, teacher, center, student_scale, teacher_scale)
-    return dino_loss_fwd_ref(*args) if kernels is None else kernels.dino_loss_fwd(*args)
+    return dino_loss_fwd_ref(student, teacher, center, student_scale, teacher_scale)
+
+
+register_backends(dino_loss, "dino", dino_loss_fwd_ref, "dino_loss_fwd")
 
 
 @dino_loss.register_fake
@@ -127,12 +123,11 @@ def dino_loss_backward(
     student_stats: Tensor, teacher_stats: Tensor, grad: Tensor,
 ) -> Tensor:
     """Gradient of grad * loss with respect to student: (S, B, K) in student's dtype."""
-    kernels = _kernels(student)
-    args = (student, teacher, center, student_scale, teacher_scale, student_stats, teacher_stats,
-            grad)
-    if kernels is None:
-        return dino_loss_bwd_ref(*args).to(student.dtype)
-    return kernels.dino_loss_bwd(*args)
+    return dino_loss_bwd_ref(student, teacher, center, student_scale, teacher_scale,
+                             student_stats, teacher_stats, grad)
+
+
+register_backends(dino_loss_backward, "dino", dino_loss_bwd_ref, "dino_loss_bwd")
 
 
 @dino_loss_backward.register_fake

@@ -14,11 +14,12 @@ device, read by the kernel, so a schedule changes it without a host sync and a C
 capture the step. Integer buffers (BatchNorm's num_batches_tracked) are copied, one foreach copy
 per device.
 
-Backends, chosen per group: the C++ kernel of csrc/momentum.cpp on CPU (one OpenMP loop over the
-(tensor, chunk) pieces of the whole group), the Triton kernel of kernels/momentum.py on CUDA (one
-launch over a cached table of chunk offsets), ``momentum_update_ref`` anywhere else and for
-float64. Kernels see pairs of one shape and one dense layout (channels_last included); other
-layouts go through a dense copy first.
+Backends: the dispatcher picks the device's kernel (``register_backends``), which runs each group
+on the C++ kernel of csrc/momentum.cpp on CPU (one OpenMP loop over the (tensor, chunk) pieces of
+the whole group) or the Triton kernel of kernels/momentum.py on CUDA (one launch over a cached
+table of chunk offsets); groups with a float64 tensor, and any other device (the op's body), run
+``momentum_update_ref``. Kernels see pairs of one shape and one dense layout (channels_last
+included); other layouts go through a dense copy first.
 
 Distributed training: nothing to communicate. Each rank holds identical copies of both networks
 (DDP keeps the online one in sync) and updates its own target copy, as in MoCo's and DINO's code.
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl._checks import FLOAT_DTYPES
-from fastcl._backend import accumulation_dtype, kernels_for
+from fastcl._backend import accumulation_dtype, register_backends
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,11 +59,6 @@ def momentum_update_ref(target: list[Tensor], online: list[Tensor], momentum: Te
 # ----------------------------------------------------------------------------------------------
 # fastcl::momentum_update_
 # ----------------------------------------------------------------------------------------------
-def _kernels(t: Tensor, o: Tensor):
-    """The kernels for a (target, online) dtype pair, or None for the reference (float64)."""
-    return None if o.dtype == torch.float64 else kernels_for(t, "momentum")
-
-
 def _is_dense(t: Tensor) -> bool:
     """Whether t's elements fill a block of memory exactly once, in some order of its dims
     (contiguous, channels_last, transposed, ...)."""
@@ -84,10 +80,11 @@ def _dense_pair(t: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
     return work, o
 
 
-@torch.library.custom_op("fastcl::momentum_update_", mutates_args=("target",))
-def _momentum_update_(target: list[Tensor], online: list[Tensor], momentum: Tensor) -> None:
-    """target[i] <- momentum * target[i] + (1 - momentum) * online[i], in place. All tensors on
-    one device (momentum too, 0-dim); any mix of floating dtypes; target[i] must not overlap."""
+def _momentum_update_launch(kernels, target: list[Tensor], online: list[Tensor],
+                            momentum: Tensor) -> None:
+    """The op on `kernels` (fastcl._C or fastcl.kernels.momentum): one launch per (target dtype,
+    online dtype) group of pairs of one dense layout; groups with a float64 tensor run the
+    reference."""
     groups = {}  # (target, online dtype) -> (targets, onlines, write-backs)
     for t, o in zip(target, online):
         work = t
@@ -100,14 +97,23 @@ def _momentum_update_(target: list[Tensor], online: list[Tensor], momentum: Tens
         group[1].append(o)
         if work is not t:
             group[2].append((t, work))
-    for targets, onlines, write_backs in groups.values():
-        kernels = _kernels(targets[0], onlines[0])
-        if kernels is None:
+    for (t_dtype, o_dtype), (targets, onlines, write_backs) in groups.items():
+        if torch.float64 in (t_dtype, o_dtype):
             momentum_update_ref(targets, onlines, momentum)
         else:
             kernels.momentum_update_(targets, onlines, momentum)
         for t, work in write_backs:
             t.copy_(work)
+
+
+@torch.library.custom_op("fastcl::momentum_update_", mutates_args=("target",))
+def _momentum_update_(target: list[Tensor], online: list[Tensor], momentum: Tensor) -> None:
+    """target[i] <- momentum * target[i] + (1 - momentum) * online[i], in place. All tensors on
+    one device (momentum too, 0-dim); any mix of floating dtypes; target[i] must not overlap."""
+    momentum_update_ref(target, online, momentum)
+
+
+register_backends(_momentum_update_, "momentum", momentum_update_ref, _momentum_update_launch)
 
 
 @_momentum_update_.register_fake

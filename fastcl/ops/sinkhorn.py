@@ -34,9 +34,11 @@ Distributed (gather=True): each rank passes its own rows; the K-vectors are all-
 passes (the column max and a sum for the first pass, then one sum per further iteration: 4
 all-reduces for 3 iterations, like SwAV's code), and each rank gets the codes of its own rows.
 
-Backends, chosen per device: the C++ kernels of csrc/sinkhorn.cpp on CPU, the Triton kernels of
-kernels/sinkhorn.py on CUDA, ``sinkhorn_log_ref`` anywhere else and for float64. The three kernel
-launchers have the same names and contract on both backends:
+Backends, by device through PyTorch's dispatcher (``register_backends``): the op's body runs
+``sinkhorn_log_ref`` (any device, and float64), its CPU kernel the C++ kernels of
+csrc/sinkhorn.cpp (``_sinkhorn_cpu``), its CUDA kernel the Triton kernels of kernels/sinkhorn.py
+(``_sinkhorn_fused``).
+The three kernel launchers have the same names and contract on both backends:
 
     sinkhorn_init_fwd(scores, inv_eps)
         -> (col_max (K,) = max_b scores_bk, col_lse (K,) = log sum_b exp(a_bk * inv_eps))
@@ -60,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastcl import _checks
-from fastcl._backend import accumulation_dtype, cpp_extension, kernels_for
+from fastcl._backend import accumulation_dtype, register_backends
 from fastcl.distributed import world
 
 
@@ -219,12 +221,11 @@ def _sinkhorn_cpu(ext, scores: Tensor, epsilon: float, iterations: int, gather: 
 @torch.library.custom_op("fastcl::sinkhorn", mutates_args=())
 def _sinkhorn(scores: Tensor, epsilon: float, iterations: int, gather: bool) -> Tensor:
     """scores (B, K) -> codes (B, K) float32 (float64 for float64 scores). Not differentiable."""
-    kernels = kernels_for(scores, "sinkhorn")
-    if kernels is None:
-        return sinkhorn_log_ref(scores, epsilon, iterations, gather)
-    if kernels is cpp_extension():
-        return _sinkhorn_cpu(kernels, scores, epsilon, iterations, gather)
-    return _sinkhorn_fused(kernels, scores, epsilon, iterations, gather)
+    return sinkhorn_log_ref(scores, epsilon, iterations, gather)
+
+
+register_backends(_sinkhorn, "sinkhorn", sinkhorn_log_ref, _sinkhorn_fused,
+                  cpp_launch=_sinkhorn_cpu)
 
 
 @_sinkhorn.register_fake
