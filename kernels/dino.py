@@ -223,7 +223,7 @@ def _config(s: int, t: int, b: int, k: int, block_k, split) -> dict:
                 split=triton.cdiv(k, k_per_split))
 
 
-def dino_loss_fwd(student, teacher, center, student_scale, teacher_scale, *, block_k=None,
+def dino_cross_entropy_fwd(student, teacher, center, student_scale, teacher_scale, *, block_k=None,
                   split=None):
     """student (S, B, K), teacher (T, B, K), center (K,), scales () ->
     (loss () float32, student_stats (2, S, B) float32, teacher_stats (2, T, B) float32).
@@ -253,7 +253,7 @@ def dino_loss_fwd(student, teacher, center, student_scale, teacher_scale, *, blo
     return loss, student_stats, teacher_stats
 
 
-def dino_loss_bwd(student, teacher, center, student_scale, teacher_scale, student_stats,
+def dino_cross_entropy_bwd(student, teacher, center, student_scale, teacher_scale, student_stats,
                   teacher_stats, grad, *, block_k=None, split=None):
     """-> d student (S, B, K), contiguous, in student's dtype (see the module docstring)."""
     s, b, k = student.shape

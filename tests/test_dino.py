@@ -114,8 +114,9 @@ def test_no_gradient_into_teacher_or_center(backend):
     loss.backward()
     assert student.grad is not None
     assert teacher.grad is None and center.grad is None
-    assert not ops.dino_loss(student.detach(), teacher.detach(), center.detach().reshape(-1),
-                             torch.tensor(10.0), torch.tensor(25.0))[0].requires_grad
+    assert not ops.dino_cross_entropy(student.detach(), teacher.detach(),
+                                      center.detach().reshape(-1), torch.tensor(10.0),
+                                      torch.tensor(25.0))[0].requires_grad
 
 
 def test_non_contiguous_inputs(backend):
@@ -151,17 +152,18 @@ def test_triton_blocks_and_splits(block_k, split):
     scales = (torch.tensor(10.0, device=device), torch.tensor(1 / 0.07, device=device))
     args = (student.float().to(device), teacher.float().to(device),
             center.float().reshape(-1).to(device), *scales)
-    loss, student_stats, teacher_stats = kernels.dino_loss_fwd(*args, block_k=block_k, split=split)
+    loss, student_stats, teacher_stats = kernels.dino_cross_entropy_fwd(*args, block_k=block_k,
+                                                                        split=split)
     scales64 = [x.double() for x in scales]
-    truth = ops.dino_loss_fwd_ref(student, teacher, center.reshape(-1), *scales64)
+    truth = ops.dino_cross_entropy_ref(student, teacher, center.reshape(-1), *scales64)
     assert max_error(loss, truth[0]) < 1e-5
     assert max_error(student_stats, truth[1]) < 1e-5
     assert max_error(teacher_stats, truth[2]) < 1e-5
     grad = torch.tensor(0.3, device=device)
-    dstudent = kernels.dino_loss_bwd(*args, student_stats, teacher_stats, grad, block_k=block_k,
-                                     split=split)
-    dstudent64 = ops.dino_loss_bwd_ref(student, teacher, center.reshape(-1), *scales64,
-                                       *truth[1:], grad.double())
+    dstudent = kernels.dino_cross_entropy_bwd(*args, student_stats, teacher_stats, grad,
+                                              block_k=block_k, split=split)
+    dstudent64 = ops.dino_cross_entropy_backward_ref(student, teacher, center.reshape(-1),
+                                                     *scales64, *truth[1:], grad.double())
     assert max_error(dstudent, dstudent64) < 1e-5
 
 
@@ -170,11 +172,11 @@ def test_backward_formula_matches_autograd():
     """The closed-form backward of the reference vs autograd through the official formula."""
     student, teacher, center = make_inputs(5, 3, 2, 30)
     scales = (torch.tensor(10.0, dtype=torch.float64), torch.tensor(20.0, dtype=torch.float64))
-    _, student_stats, teacher_stats = ops.dino_loss_fwd_ref(student, teacher, center.reshape(-1),
-                                                            *scales)
+    _, student_stats, teacher_stats = ops.dino_cross_entropy_ref(student, teacher,
+                                                                 center.reshape(-1), *scales)
     grad = torch.tensor(-1.7, dtype=torch.float64)
-    closed = ops.dino_loss_bwd_ref(student, teacher, center.reshape(-1), *scales, student_stats,
-                                   teacher_stats, grad)
+    closed = ops.dino_cross_entropy_backward_ref(student, teacher, center.reshape(-1), *scales,
+                                                 student_stats, teacher_stats, grad)
     _, autograd = loss_and_grad(dino_loss_ref, student, teacher, center, grad, "cpu", (0.1, 0.05))
     assert max_error(closed, autograd) < 1e-12
 
@@ -183,11 +185,13 @@ def test_opcheck():
     student, teacher, center = make_inputs(4, 2, 3, 9, dtype=torch.float32)
     scales = (torch.tensor(10.0), torch.tensor(25.0))
     center = center.float().reshape(-1)
-    torch.library.opcheck(ops.dino_loss, (student.requires_grad_(), teacher, center, *scales))
-    _, student_stats, teacher_stats = ops.dino_loss(student.detach(), teacher, center, *scales)
-    torch.library.opcheck(ops.dino_loss_backward, (student.detach(), teacher, center, *scales,
-                                                   student_stats, teacher_stats,
-                                                   torch.tensor(0.5)))
+    torch.library.opcheck(ops.dino_cross_entropy,
+                          (student.requires_grad_(), teacher, center, *scales))
+    _, student_stats, teacher_stats = ops.dino_cross_entropy(student.detach(), teacher, center,
+                                                             *scales)
+    torch.library.opcheck(ops.dino_cross_entropy_backward,
+                          (student.detach(), teacher, center, *scales, student_stats,
+                           teacher_stats, torch.tensor(0.5)))
 
 
 def test_compile_fullgraph():

@@ -82,7 +82,7 @@ def test_wheel_holds_every_module(tmp_path):
 # --- backends registered with the dispatcher ---------------------------------------------------
 OPS = ["gram_contrastive", "gram_contrastive_backward", "cross_contrastive",
        "cross_contrastive_backward", "bank_lse", "ring_enqueue_", "bank_update_", "sampled_lse",
-       "sampled_lse_backward", "dino_loss", "dino_loss_backward", "sinkhorn",
+       "sampled_lse_backward", "dino_cross_entropy", "dino_cross_entropy_backward", "sinkhorn",
        "momentum_update_"]
 
 
@@ -116,8 +116,8 @@ def _op_case(name: str, dtype):
                          "bank_update"),
         "ring_enqueue_": (bank.ring_enqueue_,
                           (x(4, 3), torch.tensor(3), torch.tensor(3), x(2, 3)), "ring_enqueue"),
-        "dino_loss": (dino.dino_loss, (x(3, 2, 5), x(2, 2, 5), x(5), scale, scale),
-                      "dino_loss_fwd"),
+        "dino_cross_entropy": (dino.dino_cross_entropy,
+                               (x(3, 2, 5), x(2, 2, 5), x(5), scale, scale), "dino_loss_fwd"),
         "sinkhorn": (sinkhorn._sinkhorn, (x(6, 5), 0.5, 3, False), "sinkhorn_init_fwd"),
         "momentum_update_": (momentum._momentum_update_,
                              ([x(3, 2)], [x(3, 2)], torch.tensor(0.9)), "momentum_update_"),
@@ -143,8 +143,15 @@ def test_every_op_has_cpu_and_cuda_kernels(name):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastcl::{name}", key), key
 
 
+def test_dino_op_does_not_share_the_public_name():
+    import fastcl
+
+    assert not torch._C._dispatch_has_kernel("fastcl::dino_loss")
+    assert fastcl.dino_loss is not fastcl.ops.dino.dino_cross_entropy
+
+
 @pytest.mark.parametrize("name", ["gram_contrastive", "bank_lse", "sampled_lse", "bank_update_",
-                                  "ring_enqueue_", "dino_loss", "sinkhorn",
+                                  "ring_enqueue_", "dino_cross_entropy", "sinkhorn",
                                   "momentum_update_"])
 def test_cpu_float32_runs_cpp_and_float64_the_reference(name, monkeypatch):
     """The dispatcher sends CPU tensors to the registered CPU kernel: float32 reaches the C++

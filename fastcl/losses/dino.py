@@ -4,7 +4,7 @@ drop-in ``nn.Module`` that keeps the center and the teacher-temperature warm-up.
 Sinkhorn-Knopp centering of the teacher (``dino_loss_sinkhorn``, ``DINOLoss(centering=
 "sinkhorn")``) replaces the running center by a balanced assignment of each batch.
 
-The cross-entropy comes from the fused op fastcl.ops.dino.dino_loss: one pass over the prototype
+The cross-entropy comes from the fused op fastcl::dino_cross_entropy: one pass over the prototype
 axis per sample, no (crops, B, K) softmax or per-pair product in memory, only the student gets a
 gradient. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32 loss, gradient in the
 input dtype) or float64 (computed by the reference, for testing).
@@ -82,7 +82,8 @@ def dino_loss(
     student_scale = _checks.inverse_temperature(student_temp, student, "student_temp").detach()
     teacher_scale = _checks.inverse_temperature(teacher_temp, student, "teacher_temp").detach()
     center = center.detach().reshape(-1)
-    return ops.dino_loss(student, teacher.detach(), center, student_scale, teacher_scale)[0]
+    return ops.dino_cross_entropy(student, teacher.detach(), center, student_scale,
+                                  teacher_scale)[0]
 
 
 def dino_loss_sinkhorn(

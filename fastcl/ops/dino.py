@@ -8,7 +8,7 @@ For S student crops, T teacher crops (the student's first T crops), B samples an
     loss = 1 / (n_pairs * B) * sum_b sum_t sum_{s != t} -sum_k p_t,k log q_s,k
     n_pairs = T * (S - 1)
 
-* ``fastcl::dino_loss(student, teacher, center, student_scale, teacher_scale)`` ->
+* ``fastcl::dino_cross_entropy(student, teacher, center, student_scale, teacher_scale)`` ->
   (loss (), student_stats (2, S, B), teacher_stats (2, T, B)). One pass over K per sample with
   online statistics for every crop; nothing of size (S, T, B, K), (S, B, K) or per pair is
   materialized. The stats are what backward needs to rebuild both softmaxes in one pass:
@@ -16,8 +16,8 @@ For S student crops, T teacher crops (the student's first T crops), B samples an
   teacher_stats = [max_k u_t,k, log sum_k exp((u_t,k - max) * teacher_scale)], u = teacher - center.
   Keeping the max in input units (not scaled, not folded into one lse) makes every exponent a
   difference of nearby fp32 numbers, exact enough at teacher_scale = 25 and logits of 1e3.
-* ``fastcl::dino_loss_backward(..., student_stats, teacher_stats, grad)`` -> d student (S, B, K):
-  with n_s = T - [s < T] pairs per student crop,
+* ``fastcl::dino_cross_entropy_backward(..., student_stats, teacher_stats, grad)`` -> d student
+  (S, B, K): with n_s = T - [s < T] pairs per student crop,
   d loss / d student_s = grad * student_scale / (n_pairs * B) * (n_s q_s - sum_{t != s} p_t).
 
 Only the student gets a gradient (DINO's teacher is an EMA, its center a running mean); the scales
@@ -26,8 +26,8 @@ torch.compile'd code. student and teacher share a dtype (float32, bfloat16, floa
 accumulation, fp32 loss and stats, gradient in the input dtype; float64 runs the reference).
 
 Backends, by device through PyTorch's dispatcher (``register_backends``): the op bodies run the
-references below, the default on any device and for float64; the CPU kernels csrc/dino.cpp and the
-CUDA kernels kernels/dino.py.
+references below, the default on any device and for float64; the CPU kernels csrc/dino.cpp (whose
+bindings keep the names dino_loss_fwd / _bwd) and the CUDA kernels kernels/dino.py.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _softmax_from_stats(x: Tensor, scale: Tensor, stats: Tensor) -> Tensor:
     return torch.exp((x - stats[0][..., None]) * scale - stats[1][..., None])
 
 
-def dino_loss_fwd_ref(
+def dino_cross_entropy_ref(
     student: Tensor, teacher: Tensor, center: Tensor, student_scale: Tensor, teacher_scale: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K), center (K,), scales () ->
@@ -73,7 +73,7 @@ def dino_loss_fwd_ref(
     return loss, student_stats, teacher_stats
 
 
-def dino_loss_bwd_ref(
+def dino_cross_entropy_backward_ref(
     student: Tensor, teacher: Tensor, center: Tensor, student_scale: Tensor, teacher_scale: Tensor,
     student_stats: Tensor, teacher_stats: Tensor, grad: Tensor,
 ) -> Tensor:
@@ -95,21 +95,23 @@ def dino_loss_bwd_ref(
 
 
 # ----------------------------------------------------------------------------------------------
-# fastcl::dino_loss
+# fastcl::dino_cross_entropy
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastcl::dino_loss", mutates_args=())
-def dino_loss(
+@torch.library.custom_op("fastcl::dino_cross_entropy", mutates_args=())
+def dino_cross_entropy(
     student: Tensor, teacher: Tensor, center: Tensor, student_scale: Tensor, teacher_scale: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """student (S, B, K), teacher (T, B, K), center (K,), scales () float32 ->
     (loss (), student_stats (2, S, B), teacher_stats (2, T, B)). Gradient flows to student only."""
-    return dino_loss_fwd_ref(student, teacher, center, student_scale, teacher_scale)
+    return dino_cross_entropy_ref(student, teacher, center, student_scale, teacher_scale)
 
 
-register_backends(dino_loss, "dino", dino_loss_fwd_ref, "dino_loss_fwd")
+# The C++ bindings keep their original names (dino_loss_fwd / _bwd): renaming needs a rebuild.
+register_backends(dino_cross_entropy, "dino", dino_cross_entropy_ref, "dino_cross_entropy_fwd",
+                  cpp_launch="dino_loss_fwd")
 
 
-@dino_loss.register_fake
+@dino_cross_entropy.register_fake
 def _(student, teacher, center, student_scale, teacher_scale):
     acc = accumulation_dtype(student)
     s, b, _ = student.shape
@@ -117,25 +119,26 @@ def _(student, teacher, center, student_scale, teacher_scale):
             student.new_empty((2, teacher.shape[0], b), dtype=acc))
 
 
-@torch.library.custom_op("fastcl::dino_loss_backward", mutates_args=())
-def dino_loss_backward(
+@torch.library.custom_op("fastcl::dino_cross_entropy_backward", mutates_args=())
+def dino_cross_entropy_backward(
     student: Tensor, teacher: Tensor, center: Tensor, student_scale: Tensor, teacher_scale: Tensor,
     student_stats: Tensor, teacher_stats: Tensor, grad: Tensor,
 ) -> Tensor:
     """Gradient of grad * loss with respect to student: (S, B, K) in student's dtype."""
-    return dino_loss_bwd_ref(student, teacher, center, student_scale, teacher_scale,
-                             student_stats, teacher_stats, grad)
+    return dino_cross_entropy_backward_ref(student, teacher, center, student_scale, teacher_scale,
+                                           student_stats, teacher_stats, grad)
 
 
-register_backends(dino_loss_backward, "dino", dino_loss_bwd_ref, "dino_loss_bwd")
+register_backends(dino_cross_entropy_backward, "dino", dino_cross_entropy_backward_ref,
+                  "dino_cross_entropy_bwd", cpp_launch="dino_loss_bwd")
 
 
-@dino_loss_backward.register_fake
+@dino_cross_entropy_backward.register_fake
 def _(student, teacher, center, student_scale, teacher_scale, student_stats, teacher_stats, grad):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _dino_loss_setup(ctx, inputs, output):
+def _dino_cross_entropy_setup(ctx, inputs, output):
     student, teacher, center, student_scale, teacher_scale = inputs
     _, student_stats, teacher_stats = output
     # The stats are auxiliary outputs for this backward, not differentiable results.
@@ -144,11 +147,12 @@ def _dino_loss_setup(ctx, inputs, output):
                           teacher_stats)
 
 
-def _dino_loss_grad(ctx, grad, _grad_student_stats, _grad_teacher_stats):
+def _dino_cross_entropy_grad(ctx, grad, _grad_student_stats, _grad_teacher_stats):
     if grad is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    dstudent = dino_loss_backward(*ctx.saved_tensors, grad)
+    dstudent = dino_cross_entropy_backward(*ctx.saved_tensors, grad)
     return dstudent, None, None, None, None
 
 
-dino_loss.register_autograd(_dino_loss_grad, setup_context=_dino_loss_setup)
+dino_cross_entropy.register_autograd(_dino_cross_entropy_grad,
+                                     setup_context=_dino_cross_entropy_setup)
