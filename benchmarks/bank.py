@@ -7,7 +7,7 @@ naive losses), measured in the same process.
     python benchmarks/bank.py --csv out.csv --plot out.png
 
 Cases: InstDisc's NCE and full-softmax losses over K sampled bank rows, forward + backward (naive:
-index_select of B (K + 1) rows -> bmm -> loss, fastcl.memory.sampled_*_ref); MoCo's enqueue
+index_select of B (K + 1) rows -> bmm -> loss, fastcl.formulas.sampled_*); MoCo's enqueue
 (naive: ``queue[:, ptr:ptr + B] = keys.T`` with its int(ptr) host sync, MoCo's (D, K) layout);
 InstDisc's bank update (naive: index_select, momentum, normalize, index_copy_). Prints median
 time and peak memory above the inputs (measured as in benchmarks/contrastive.py, whose helpers
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import fastcl
 from contrastive import bench_main, forward_backward, measure_case
-from fastcl.memory import sampled_info_nce_ref, sampled_nce_ref
+from fastcl import formulas
 
 
 def loss_cases(device, quick):
@@ -37,10 +37,10 @@ def loss_cases(device, quick):
     shape = f"B={b} K={k} D={d} n={n}"
     yield (f"instdisc NCE {shape}", inputs, {
         "fastcl": lambda f, bank, idx: fastcl.sampled_nce(f, bank, idx, z, 0.07),
-        "naive": lambda f, bank, idx: sampled_nce_ref(f, bank, idx, z, 0.07)})
+        "naive": lambda f, bank, idx: formulas.sampled_nce(f, bank, idx, z, 0.07)})
     yield (f"instdisc softmax {shape}", inputs, {
         "fastcl": lambda f, bank, idx: fastcl.sampled_info_nce(f, bank, idx, 0.07),
-        "naive": lambda f, bank, idx: sampled_info_nce_ref(f, bank, idx, 0.07)})
+        "naive": lambda f, bank, idx: formulas.sampled_info_nce(f, bank, idx, 0.07)})
 
 
 def moco_enqueue(queue_t: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import fastcl
-from fastcl import info_nce, info_nce_ref, nt_xent, nt_xent_ref, supcon, supcon_ref
+from fastcl import formulas, info_nce, nt_xent, supcon
 
 MiB = 2**20
 
@@ -95,7 +95,7 @@ def cases(device: str, quick: bool):
     yield (f"nt_xent 2N={two_n} D=128", dtype,
            lambda: [unit(two_n // 2, 128, device=device, dtype=dtype),
                     unit(two_n // 2, 128, device=device, dtype=dtype)],
-           {"fastcl": nt_xent, "naive": nt_xent_ref})
+           {"fastcl": nt_xent, "naive": formulas.nt_xent})
     if not quick:
         huge = 65536 if device == "cpu" else 131072
         yield (f"nt_xent 2N={huge} D=128", dtype,
@@ -107,16 +107,16 @@ def cases(device: str, quick: bool):
            lambda: [unit(256, 128, device=device, dtype=dtype),
                     unit(256, 128, device=device, dtype=dtype),
                     unit(k, 128, device=device, dtype=dtype, grad=False)],
-           {"fastcl": info_nce, "naive": info_nce_ref})
+           {"fastcl": info_nce, "naive": formulas.info_nce})
     n = (1024 if quick else 8192) * big
     yield (f"info_nce symmetric N={n} D=128", dtype,
            lambda: [unit(n, 128, device=device, dtype=dtype), unit(n, 128, device=device, dtype=dtype)],
            {"fastcl": lambda q, k: info_nce(q, k, symmetric=True),
-            "naive": lambda q, k: info_nce_ref(q, k, symmetric=True)})
+            "naive": lambda q, k: formulas.info_nce(q, k, symmetric=True)})
     labels = torch.randint(0, 100, (n,), device=device)
     yield (f"supcon M={n} D=128 100 classes", dtype,
            lambda: [unit(n, 128, device=device, dtype=dtype)],
-           {"fastcl": lambda f: supcon(f, labels), "naive": lambda f: supcon_ref(f, labels)})
+           {"fastcl": lambda f: supcon(f, labels), "naive": lambda f: formulas.supcon(f, labels)})
 
 
 def run(device: str, quick: bool, repeats: int, only: str = ""):

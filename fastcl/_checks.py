@@ -3,7 +3,7 @@ and fires before any kernel runs."""
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional
 
 import torch
@@ -106,3 +106,42 @@ def inverse_temperature(temperature, like: Tensor, name: str = "temperature", *,
                              f"got {temperature.device}")
         return 1.0 / temperature.to(device=like.device, dtype=acc)
     return torch.full((), 1.0 / value, dtype=acc, device=like.device)
+
+
+def count(name: str, value, minimum: int = 1) -> int:
+    """An int >= minimum (sizes, dimensions, numbers of rows), returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def indices(name: str, value, shape: tuple, num_items: int, device) -> Tensor:
+    """value: an int64 tensor of `shape` (None: any size) on `device`, entries in [0, num_items)
+    (rows of a memory bank).
+
+    Entries are checked on CPU tensors (a ValueError); on other devices by a device-side assert
+    (no host sync: a failure surfaces as a RuntimeError at the next sync); not under torch.compile.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got {value.dtype}")
+    if value.dim() != len(shape) or any(s is not None and s != n
+                                        for s, n in zip(shape, value.shape)):
+        wanted = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({wanted}), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the bank's device {device}, got {value.device}")
+    if torch.compiler.is_compiling() or value.numel() == 0:
+        return value
+    if value.device.type == "cpu":
+        low, high = int(value.min()), int(value.max())
+        if low < 0 or high >= num_items:
+            raise ValueError(f"{name} must lie in [0, {num_items}), got values in "
+                             f"[{low}, {high}]")
+    else:
+        torch._assert_async(((value >= 0) & (value < num_items)).all(),
+                            f"{name} must lie in [0, {num_items})")
+    return value

@@ -36,7 +36,7 @@ from typing import IO, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from fastcl import evaluate
 from fastcl.data import ImageData, epoch_batches, load_data, steps_per_epoch
@@ -304,9 +304,39 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 # Training
 # ----------------------------------------------------------------------------------------------
 def _features(method: nn.Module, data: ImageData, device, mean, std):
+    """(train, test) features of the method's evaluation encoder (method.backbone)."""
     enc = method.backbone
     return (evaluate.extract_features(enc, data.x_train, mean=mean, std=std, device=device),
             evaluate.extract_features(enc, data.x_test, mean=mean, std=std, device=device))
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share: the resolved options, where it runs, the data, the method
+    and its optimizer, and the history of the epochs trained so far."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    size: int  # processes (torchrun's WORLD_SIZE)
+    data: ImageData
+    mean: list[float]  # the data's per-channel statistics
+    std: list[float]
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    n_steps: int  # optimizer steps per epoch
+    out: Path
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    made_out: bool = False  # the run made the output folder (removed again if left empty)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.n_steps
 
 
 def train(config: TrainConfig, *, data: Optional[ImageData] = None,
@@ -316,6 +346,35 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     on_epoch_end(epoch, row) is called after each epoch's checkpoint is on disk.
     """
     # Options, data and the checkpoint to resume are checked before the output folder is made.
+    run = _build(config, data)
+    if run.cfg.resume:
+        _resume(run)
+    x_train, extra_sources = _training_tensors(run)
+    _make_out(run)
+    run.method.train()
+    for epoch in range(run.start_epoch, run.cfg.epochs):
+        stats = _train_epoch(run, epoch, x_train, extra_sources)
+        _check_finite(run, epoch, stats["loss"])
+        if run.rank == 0:
+            row, knn = _evaluate_epoch(run, epoch, stats)
+            run.history.append(row)
+            _write_epoch(run, epoch)
+            if run.cfg.progress:
+                print(f"epoch {epoch + 1}/{run.cfg.epochs}  loss {stats['loss']:.4f}  "
+                      f"kNN {knn:.4f}  {row['images_per_s']:.0f} img/s", flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+        if run.size > 1:
+            dist.barrier()
+    result = _finish(run) if run.rank == 0 else {}
+    if run.size > 1:
+        dist.barrier()
+    return result
+
+
+def _build(config: TrainConfig, data: Optional[ImageData]) -> _Run:
+    """Resolves the options, joins the process group, loads the data and builds the method (seeded,
+    on the device, the same on every rank) and its optimizer. Writes nothing."""
     cfg = config.resolved()
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, size = _init_distributed(device)
@@ -333,135 +392,168 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
         _broadcast_state(method)
     optimizer = build_optimizer(cfg.optimizer, method, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay)
-    params = [p for p in method.parameters() if p.requires_grad]
-
     n_steps = steps_per_epoch(len(data.x_train), cfg.batch_size, size)
     if n_steps == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} x {size} process(es) is larger than the "
                          f"{len(data.x_train)} training images")
-    total_steps, warmup_steps = cfg.epochs * n_steps, cfg.warmup_epochs * n_steps
+    return _Run(cfg, device, rank, size, data, mean, std, method, optimizer, n_steps,
+                Path(cfg.out))
 
-    history: list[dict] = []
-    start_epoch = 0
-    out = Path(cfg.out)
-    ckpt_path = out / "last.pt"
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        check_compatible(state, cfg, data, ckpt_path)
-        try:
-            method.load_state_dict(state["model"])
-        except RuntimeError as err:
-            changed = {k: v for k, v in state["config"]["hparams"].items()
-                       if cfg.hparams.get(k) != v}
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} does not fit this run's model "
-                             f"({str(err).splitlines()[-1].strip()}): it was trained with "
-                             f"{changed}") from None
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch = state["history"], state["epoch"]
 
+def _resume(run: _Run) -> None:
+    """Loads last.pt of the output folder into the run's method and optimizer, after checking that
+    it was trained with this run's method, backbone, optimizer and data."""
+    state = load_checkpoint(run.ckpt_path)
+    check_compatible(state, run.cfg, run.data, run.ckpt_path)
+    try:
+        run.method.load_state_dict(state["model"])
+    except RuntimeError as err:
+        changed = {k: v for k, v in state["config"]["hparams"].items()
+                   if run.cfg.hparams.get(k) != v}
+        raise ValueError(f"checkpoint {str(run.ckpt_path)!r} does not fit this run's model "
+                         f"({str(err).splitlines()[-1].strip()}): it was trained with "
+                         f"{changed}") from None
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.history, run.start_epoch = state["history"], state["epoch"]
+
+
+def _training_tensors(run: _Run) -> tuple[Tensor, dict[str, Optional[Tensor]]]:
+    """The training images on the device, and the sources of the per-batch extras the method asks
+    for (Method.batch_extras) by name: "indices" (the batch's rows themselves) and "labels"."""
+    extra_sources = {"indices": None, "labels": run.data.y_train.to(run.device)}
+    x_train = run.data.x_train.to(run.device)
+    unknown_extras = set(run.method.batch_extras) - set(extra_sources)
+    if unknown_extras:
+        raise ValueError(f"{run.cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
+                         f"trainer provides {sorted(extra_sources)}")
+    return x_train, extra_sources
+
+
+def _make_out(run: _Run) -> None:
+    """Makes the output folder (rank 0) and removes the temporary files of a killed earlier run."""
+    run.made_out = not run.out.exists()
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run.out)
+
+
+def _train_epoch(run: _Run, epoch: int, x_train: Tensor,
+                 extra_sources: dict[str, Optional[Tensor]]) -> dict:
+    """One epoch of optimizer steps: per step the scheduled lr, the augmentation generator
+    re-seeded from (seed, step, rank), the method's loss, backward, gradients averaged over ranks,
+    the method's hooks around the optimizer step. -> {loss (the epoch's mean), lr (the last
+    step's), seen (images, all ranks), started (perf_counter), train_seconds}."""
+    cfg, method, optimizer, device = run.cfg, run.method, run.optimizer, run.device
+    params = [p for p in method.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     g = torch.Generator(device=device)
-    x_train = data.x_train.to(device)
-    # The per-batch extras the method asks for (Method.batch_extras), by name.
-    extra_sources = {"indices": None, "labels": data.y_train.to(device)}
-    unknown_extras = set(method.batch_extras) - set(extra_sources)
-    if unknown_extras:
-        raise ValueError(f"{cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
-                         f"trainer provides {sorted(extra_sources)}")
-    made_out = not out.exists()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-    method.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-        bar = _progress(cfg, rank, epoch, n_steps)
-        for i, idx in enumerate(epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed,
-                                              epoch=epoch, rank=rank, world_size=size)):
-            step = epoch * n_steps + i
-            lr = cosine_with_warmup(step, total_steps, warmup_steps, cfg.lr)
-            set_lr(optimizer, lr)
-            g.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-            idx = idx.to(device)
-            with torch.no_grad():
-                views = method.augment(x_train[idx], g)
-            extras = {name: idx if name == "indices" else extra_sources[name][idx]
-                      for name in method.batch_extras}
-            with autocast:
-                loss = method(views, epoch=epoch, **extras)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_gradients(params, size)
-            method.after_backward(epoch)
-            optimizer.step()
-            method.after_step(step, total_steps)
-            loss_sum += loss.detach()
-            seen += len(idx) * size
-            if bar is not None:
-                bar.update(1)
-                if i % 5 == 0 or i == n_steps - 1:
-                    bar.set_postfix(loss=f"{loss.item():.4f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    warmup_steps = cfg.warmup_epochs * run.n_steps
+    t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+    bar = _progress(cfg, run.rank, epoch, run.n_steps)
+    for i, idx in enumerate(epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed,
+                                          epoch=epoch, rank=run.rank, world_size=run.size)):
+        step = epoch * run.n_steps + i
+        lr = cosine_with_warmup(step, run.total_steps, warmup_steps, cfg.lr)
+        set_lr(optimizer, lr)
+        g.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + run.rank)
+        idx = idx.to(device)
+        with torch.no_grad():
+            views = method.augment(x_train[idx], g)
+        extras = {name: idx if name == "indices" else extra_sources[name][idx]
+                  for name in method.batch_extras}
+        with autocast:
+            loss = method(views, epoch=epoch, **extras)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _average_gradients(params, run.size)
+        method.after_backward(epoch)
+        optimizer.step()
+        method.after_step(step, run.total_steps)
+        loss_sum += loss.detach()
+        seen += len(idx) * run.size
         if bar is not None:
-            bar.close()
-        train_seconds = time.perf_counter() - t0
-        mean_loss = (loss_sum / n_steps).item()
-        if not math.isfinite(mean_loss):
-            if rank == 0 and made_out and not any(out.iterdir()):
-                out.rmdir()  # a run that never wrote anything leaves no empty folder behind
-            kept = (f"the last good checkpoint is {ckpt_path} (epoch {epoch})" if epoch else
-                    "no checkpoint was written")
-            raise FloatingPointError(
-                f"the loss became {mean_loss} in epoch {epoch + 1}/{cfg.epochs}; {kept}. Settings "
-                f"that can cause it: --lr {cfg.lr}, --weight-decay {cfg.weight_decay}, "
-                f"--warmup-epochs {cfg.warmup_epochs}, --precision {cfg.precision} (try a lower "
-                f"--lr or a longer warm-up)")
-        if rank == 0:
-            train_f, test_f = _features(method, data, device, mean, std)
-            knn = evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=cfg.knn_k)
-            row = dict(epoch=epoch + 1, loss=round(mean_loss, 6), lr=round(lr, 8),
-                       images_per_s=round(seen / train_seconds, 1), knn_top1=round(knn, 5),
-                       **{key: round(value, 5) for key, value in method.monitor(
-                           data, mean=mean, std=std, device=device, k=cfg.knn_k).items()},
-                       seconds=round(time.perf_counter() - t0, 2))
-            history.append(row)
-            save_checkpoint(ckpt_path, dict(
-                format=CHECKPOINT_FORMAT, config=asdict(cfg), epoch=epoch + 1,
-                data=dict(name=data.name, channels=data.channels, image_size=data.image_size,
-                          mean=mean, std=std, num_items=len(data.x_train)),
-                model=method.state_dict(), optimizer=optimizer.state_dict(), history=history))
-            _write_csv(out / "metrics.csv", history)
-            if cfg.progress:
-                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {mean_loss:.4f}  "
-                      f"kNN {knn:.4f}  {row['images_per_s']:.0f} img/s", flush=True)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-        if size > 1:
-            dist.barrier()
+            bar.update(1)
+            if i % 5 == 0 or i == run.n_steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.4f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+    return dict(loss=(loss_sum / run.n_steps).item(), lr=lr, seen=seen, started=t0,
+                train_seconds=train_seconds)
 
-    result: dict = {}
-    if rank == 0:
-        train_f, test_f = _features(method, data, device, mean, std)
-        result = dict(
-            method=cfg.method, backbone=cfg.backbone, data=data.name, epochs=cfg.epochs,
-            knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test,
-                                           k=cfg.knn_k),
-            linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f,
-                                                       data.y_test),
-            images_per_s=round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
-            train_seconds=round(sum(r["seconds"] for r in history), 1),
-        )
-        write_atomic(out / "metrics.json",
-                     lambda f: f.write(json.dumps(result, indent=2).encode()))
-        if history:
-            plot_curves(history, out / "curves.png", f"{cfg.method} / {cfg.backbone} on "
+
+def _check_finite(run: _Run, epoch: int, mean_loss: float) -> None:
+    """A FloatingPointError naming the epoch, the checkpoint kept and the settings to change when
+    the epoch's mean loss is NaN or infinite; an output folder the run made and never wrote to is
+    removed."""
+    if math.isfinite(mean_loss):
+        return
+    if run.rank == 0 and run.made_out and not any(run.out.iterdir()):
+        run.out.rmdir()  # a run that never wrote anything leaves no empty folder behind
+    kept = (f"the last good checkpoint is {run.ckpt_path} (epoch {epoch})" if epoch else
+            "no checkpoint was written")
+    cfg = run.cfg
+    raise FloatingPointError(
+        f"the loss became {mean_loss} in epoch {epoch + 1}/{cfg.epochs}; {kept}. Settings "
+        f"that can cause it: --lr {cfg.lr}, --weight-decay {cfg.weight_decay}, "
+        f"--warmup-epochs {cfg.warmup_epochs}, --precision {cfg.precision} (try a lower "
+        f"--lr or a longer warm-up)")
+
+
+def _evaluate_epoch(run: _Run, epoch: int, stats: dict) -> tuple[dict, float]:
+    """The epoch's metrics row: mean loss, last lr, training images/s, kNN top-1 of the backbone's
+    features on the test split, the method's own figures (Method.monitor) and the seconds of the
+    epoch including this evaluation; and the kNN top-1 unrounded."""
+    train_f, test_f = _features(run.method, run.data, run.device, run.mean, run.std)
+    knn = evaluate.knn_accuracy(train_f, run.data.y_train, test_f, run.data.y_test,
+                                k=run.cfg.knn_k)
+    monitor = run.method.monitor(run.data, mean=run.mean, std=run.std, device=run.device,
+                                 k=run.cfg.knn_k)
+    row = dict(epoch=epoch + 1, loss=round(stats["loss"], 6), lr=round(stats["lr"], 8),
+               images_per_s=round(stats["seen"] / stats["train_seconds"], 1),
+               knn_top1=round(knn, 5), **{key: round(value, 5) for key, value in monitor.items()},
+               seconds=round(time.perf_counter() - stats["started"], 2))
+    return row, knn
+
+
+def _write_epoch(run: _Run, epoch: int) -> None:
+    """Replaces last.pt (options, data description, model, optimizer, history) and metrics.csv,
+    each atomically."""
+    data = run.data
+    save_checkpoint(run.ckpt_path, dict(
+        format=CHECKPOINT_FORMAT, config=asdict(run.cfg), epoch=epoch + 1,
+        data=dict(name=data.name, channels=data.channels, image_size=data.image_size,
+                  mean=run.mean, std=run.std, num_items=len(data.x_train)),
+        model=run.method.state_dict(), optimizer=run.optimizer.state_dict(),
+        history=run.history))
+    _write_csv(run.out / "metrics.csv", run.history)
+
+
+def _finish(run: _Run) -> dict:
+    """The final kNN and linear-probe top-1 and the run's figures, written to metrics.json, and
+    the curves of the history to curves.png; -> the metrics."""
+    cfg, data, history = run.cfg, run.data, run.history
+    train_f, test_f = _features(run.method, data, run.device, run.mean, run.std)
+    result = dict(
+        method=cfg.method, backbone=cfg.backbone, data=data.name, epochs=cfg.epochs,
+        knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test,
+                                       k=cfg.knn_k),
+        linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f,
+                                                   data.y_test),
+        images_per_s=round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
+        train_seconds=round(sum(r["seconds"] for r in history), 1),
+    )
+    write_atomic(run.out / "metrics.json",
+                 lambda f: f.write(json.dumps(result, indent=2).encode()))
+    if history:
+        plot_curves(history, run.out / "curves.png", f"{cfg.method} / {cfg.backbone} on "
                                                      f"{data.name}")
-    if size > 1:
-        dist.barrier()
     return result
 
 
 def _progress(cfg: TrainConfig, rank: int, epoch: int, n_steps: int):
+    """The epoch's tqdm progress bar on rank 0 (None without --progress or on other ranks)."""
     if not cfg.progress or rank != 0:
         return None
     from tqdm import tqdm

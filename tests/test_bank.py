@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastcl
 from conftest import run_on_ranks
-from fastcl.memory import sampled_info_nce_ref, sampled_nce_ref
+from fastcl import formulas
 from fastcl.ops.bank import sampled_lse, sampled_lse_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -107,9 +107,9 @@ def test_sampled_losses(backend, b, k, d, dtype, normalize):
     # before the logits, which are 1 / 0.07 times larger: 16-bit losses differ by that rounding.
     loss_tol = NORMALIZED_16BIT_TOL[dtype] if normalize and dtype != torch.float32 else 5e-5
     for name, fused, naive in [
-        ("softmax", fastcl.sampled_info_nce, sampled_info_nce_ref),
+        ("softmax", fastcl.sampled_info_nce, formulas.sampled_info_nce),
         ("nce", lambda x, b, i, t, **kw: fastcl.sampled_nce(x, b, i, z, t, **kw),
-         lambda x, b, i, t, **kw: sampled_nce_ref(x, b, i, z, t, **kw)),
+         lambda x, b, i, t, **kw: formulas.sampled_nce(x, b, i, z, t, **kw)),
     ]:
         x, x64 = f.clone().requires_grad_(), f.double().requires_grad_()
         loss = fused(x, bank, indices, 0.07, normalize=normalize, reduction="none")
@@ -131,7 +131,7 @@ def test_sampled_losses(backend, b, k, d, dtype, normalize):
 def test_float64_runs_the_reference():
     f, bank, indices = sampled_case(3, 6, 5, "cpu", torch.float64)
     torch.testing.assert_close(fastcl.sampled_info_nce(f, bank, indices),
-                               sampled_info_nce_ref(f, bank, indices), rtol=1e-12, atol=1e-12)
+                               formulas.sampled_info_nce(f, bank, indices), rtol=1e-12, atol=1e-12)
 
 
 def test_instdisc_z_estimate_and_freeze(backend):
@@ -145,15 +145,15 @@ def test_instdisc_z_estimate_and_freeze(backend):
     rows = bank[idx].double()
     z = torch.exp(torch.einsum("bd,bkd->bk", f.double(), rows) / 0.07).mean() * n
     torch.testing.assert_close(criterion.z.double(), z, rtol=1e-5, atol=0)
-    assert_close(loss, sampled_nce_ref(f.double(), bank.double(), idx, z), 5e-5, "first loss")
+    assert_close(loss, formulas.sampled_nce(f.double(), bank.double(), idx, z), 5e-5, "first loss")
     f2 = unit_rows(8, 16, backend)
     criterion(f2, bank, idx)
     torch.testing.assert_close(criterion.z.double(), z, rtol=1e-5, atol=0)
 
     restored = fastcl.InstDiscNCELoss(n, 0.07)
     restored.load_state_dict(criterion.state_dict())
-    assert_close(restored(f2, bank, idx), sampled_nce_ref(f2.double(), bank.double(), idx, z), 5e-5,
-                 "restored")
+    assert_close(restored(f2, bank, idx),
+                 formulas.sampled_nce(f2.double(), bank.double(), idx, z), 5e-5, "restored")
     torch.testing.assert_close(restored.z, criterion.z, rtol=0, atol=0)
 
 
@@ -210,7 +210,7 @@ def test_queue_feeds_info_nce():
     queue = fastcl.Queue(64, 8)
     q, k = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
     loss = fastcl.info_nce(q, k, queue.tensor, 0.2)
-    torch.testing.assert_close(loss, fastcl.info_nce_ref(q, k, queue.tensor, 0.2))
+    torch.testing.assert_close(loss, formulas.info_nce(q, k, queue.tensor, 0.2))
 
 
 # --- the memory bank ---------------------------------------------------------------------------

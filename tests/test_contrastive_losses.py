@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastcl
-from fastcl import info_nce_ref, nt_xent_ref, supcon_ref
+from fastcl import formulas
 from fastcl.losses.contrastive import info_nce, nt_xent, supcon
 
 # Error allowed vs the float64 truth, relative to the largest value compared.
@@ -60,7 +60,7 @@ def test_nt_xent(backend, n, d, reduction, normalize):
         return nt_xent(a, b, t, normalize=normalize, reduction=reduction)
 
     def naive(a, b, t):
-        return nt_xent_ref(a, b, t, normalize=normalize, reduction=reduction)
+        return formulas.nt_xent(a, b, t, normalize=normalize, reduction=reduction)
 
     scale = 1.0 if normalize else 0.3  # keep raw dot products in a sane range
     compare(fused, naive, [scale * embeddings(n, d), scale * embeddings(n, d), temperature_param(0.5)],
@@ -78,8 +78,8 @@ def test_info_nce(backend, mode, n, d, k, reduction):
                         symmetric=mode == "symmetric", reduction=reduction)
 
     def naive(q, key, t, neg):
-        return info_nce_ref(q, key, neg if mode == "queue" else None, t,
-                            symmetric=mode == "symmetric", reduction=reduction)
+        return formulas.info_nce(q, key, neg if mode == "queue" else None, t,
+                                 symmetric=mode == "symmetric", reduction=reduction)
 
     compare(fused, naive, [embeddings(n, d), embeddings(n, d), temperature_param(0.07), negatives],
             torch.float32, backend)
@@ -91,7 +91,7 @@ def test_info_nce_raw_dot_products(backend):
         return info_nce(q, k, temperature=t, normalize=False)
 
     def naive(q, k, t):
-        return info_nce_ref(q, k, temperature=t, normalize=False)
+        return formulas.info_nce(q, k, temperature=t, normalize=False)
 
     compare(fused, naive, [embeddings(40, 16), embeddings(40, 16), temperature_param(1.0)],
             torch.float32, backend)
@@ -106,7 +106,7 @@ def test_supcon(backend, m, d, classes, reduction):
         return supcon(f, y, t, reduction=reduction)
 
     def naive(f, t, y):
-        return supcon_ref(f, y, t, reduction=reduction)
+        return formulas.supcon(f, y, t, reduction=reduction)
 
     compare(fused, naive, [embeddings(m, d), temperature_param(0.1), labels], torch.float32, backend)
 
@@ -133,20 +133,20 @@ def test_half_precision(backend, dtype, loss):
         pytest.skip("the Triton interpreter has no bfloat16 dot")
     d = 32
     if loss == "nt_xent":
-        fused, naive, inputs = nt_xent, nt_xent_ref, [embeddings(33, d), embeddings(33, d)]
+        fused, naive, inputs = nt_xent, formulas.nt_xent, [embeddings(33, d), embeddings(33, d)]
     elif loss == "supcon":
         labels = torch.randint(0, 5, (66,))
         fused = naive = None
         inputs = [embeddings(66, d), 0.1, labels]
-        fused, naive = (lambda f, t, y: supcon(f, y, t)), (lambda f, t, y: supcon_ref(f, y, t))
+        fused, naive = (lambda f, t, y: supcon(f, y, t)), (lambda f, t, y: formulas.supcon(f, y, t))
     elif loss == "symmetric":
         fused = lambda q, k: info_nce(q, k, symmetric=True)  # noqa: E731
-        naive = lambda q, k: info_nce_ref(q, k, symmetric=True)  # noqa: E731
+        naive = lambda q, k: formulas.info_nce(q, k, symmetric=True)  # noqa: E731
         inputs = [embeddings(33, d), embeddings(33, d)]
     else:
         negatives = torch.nn.functional.normalize(torch.randn(100, d, dtype=torch.float64), dim=1)
         fused = lambda q, k, n: info_nce(q, k, n)  # noqa: E731
-        naive = lambda q, k, n: info_nce_ref(q, k, n)  # noqa: E731
+        naive = lambda q, k, n: formulas.info_nce(q, k, n)  # noqa: E731
         inputs = [embeddings(33, d), embeddings(33, d), negatives]
     if loss == "supcon":
         inputs[1] = torch.tensor(0.1, dtype=torch.float64)
@@ -161,10 +161,10 @@ def test_low_temperature_is_finite_and_exact(backend, dtype):
     if backend == "cpu" and dtype == torch.bfloat16 and cpu_backend_name() == "triton":
         pytest.skip("the Triton interpreter has no bfloat16 dot")
     z1, z2 = embeddings(40, 24), embeddings(40, 24)
-    compare(lambda a, b: nt_xent(a, b, 0.01), lambda a, b: nt_xent_ref(a, b, 0.01), [z1, z2], dtype,
-            backend, tol=TOL[dtype] * 10)
+    compare(lambda a, b: nt_xent(a, b, 0.01), lambda a, b: formulas.nt_xent(a, b, 0.01), [z1, z2],
+            dtype, backend, tol=TOL[dtype] * 10)
     compare(lambda a, b: info_nce(a, b, temperature=0.01, symmetric=True),
-            lambda a, b: info_nce_ref(a, b, temperature=0.01, symmetric=True), [z1, z2], dtype,
+            lambda a, b: formulas.info_nce(a, b, temperature=0.01, symmetric=True), [z1, z2], dtype,
             backend, tol=TOL[dtype] * 10)
 
 
@@ -172,10 +172,10 @@ def test_non_contiguous_inputs(backend):
     base = torch.randn(40, 70, dtype=torch.float64)
     z1, z2 = base[:, ::2], base.T.contiguous().T[:, 1::2]  # strided views
     assert not z1.is_contiguous()
-    compare(nt_xent, nt_xent_ref, [z1.clone().requires_grad_(), z2.clone().requires_grad_()],
+    compare(nt_xent, formulas.nt_xent, [z1.clone().requires_grad_(), z2.clone().requires_grad_()],
             torch.float32, backend)
     ours = nt_xent(z1.float().to(backend), z2.float().to(backend))
-    assert_close(ours, nt_xent_ref(z1, z2), TOL[torch.float32], "strided")
+    assert_close(ours, formulas.nt_xent(z1, z2), TOL[torch.float32], "strided")
 
 
 @pytest.mark.parametrize("fn", ["nt_xent", "info_nce", "supcon"])
@@ -308,16 +308,16 @@ def test_equals_lightly_ntxent_formula():
 def test_property_random_shapes(n, d, t, mode):
     z1, z2 = embeddings(n, d), embeddings(n, d)
     if mode == "nt_xent":
-        compare(lambda a, b: nt_xent(a, b, t), lambda a, b: nt_xent_ref(a, b, t), [z1, z2],
+        compare(lambda a, b: nt_xent(a, b, t), lambda a, b: formulas.nt_xent(a, b, t), [z1, z2],
                 torch.float32, "cpu", tol=1e-4)
     elif mode == "supcon":
         labels = torch.randint(0, max(1, n // 2), (n,))
-        compare(lambda a, y: supcon(a, y, t), lambda a, y: supcon_ref(a, y, t), [z1, labels],
+        compare(lambda a, y: supcon(a, y, t), lambda a, y: formulas.supcon(a, y, t), [z1, labels],
                 torch.float32, "cpu", tol=1e-4)
     else:
         sym = mode == "symmetric"
         compare(lambda a, b: info_nce(a, b, temperature=t, symmetric=sym),
-                lambda a, b: info_nce_ref(a, b, temperature=t, symmetric=sym), [z1, z2],
+                lambda a, b: formulas.info_nce(a, b, temperature=t, symmetric=sym), [z1, z2],
                 torch.float32, "cpu", tol=1e-4)
 
 
@@ -348,15 +348,14 @@ def test_compile_fullgraph(fn):
 # --- late training: near-duplicate positives, small losses ------------------------------------
 NEAR_DUPLICATE_LOSSES = {
     "nt_xent": (lambda a, b, t, **kw: nt_xent(a, b, t, **kw),
-                lambda a, b, t, **kw: nt_xent_ref(a, b, t, **kw)),
+                lambda a, b, t, **kw: formulas.nt_xent(a, b, t, **kw)),
     "info_nce": (lambda a, b, t, **kw: info_nce(a, b, temperature=t, **kw),
-                 lambda a, b, t, **kw: info_nce_ref(a, b, temperature=t, **kw)),
+                 lambda a, b, t, **kw: formulas.info_nce(a, b, temperature=t, **kw)),
     "clip": (lambda a, b, t, **kw: info_nce(a, b, temperature=t, symmetric=True, **kw),
-             lambda a, b, t, **kw: info_nce_ref(a, b, temperature=t, symmetric=True, **kw)),
+             lambda a, b, t, **kw: formulas.info_nce(a, b, temperature=t, symmetric=True, **kw)),
     "supcon": (lambda a, b, t, **kw: supcon(torch.stack([a, b], 1), None, t, **kw),
-               lambda a, b, t, **kw: supcon_ref(torch.cat([a, b]),
-                                                torch.arange(a.shape[0]).repeat(2).to(a.device),
-                                                t, **kw)),
+               lambda a, b, t, **kw: formulas.supcon(
+                   torch.cat([a, b]), torch.arange(a.shape[0]).repeat(2).to(a.device), t, **kw)),
 }
 
 
@@ -479,7 +478,7 @@ def test_tiny_temperatures_are_finite_or_named():
     1e-40 is refused with an error that names temperature."""
     x1, x2 = near_duplicates(8, 4, 0.5, "cpu", torch.float32)
     loss = nt_xent(x1, x2, 1e-38, reduction="none")
-    truth = nt_xent_ref(x1.double(), x2.double(), 1e-38, reduction="none")
+    truth = formulas.nt_xent(x1.double(), x2.double(), 1e-38, reduction="none")
     assert torch.isfinite(loss).all()
     assert ((loss.double() - truth).abs() / truth.abs().clamp(min=1e30)).max() < 1e-5
     with pytest.raises(ValueError, match="temperature must be >="):

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_on_ranks
-from fastcl.losses.dino import (DINOLoss, dino_loss, dino_loss_ref, dino_loss_sinkhorn,
-                                teacher_temp_schedule)
+from fastcl import formulas
+from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_sinkhorn, teacher_temp_schedule
 from fastcl.ops import dino as ops
 
 # Error allowed vs the float64 truth, relative to max(|truth|, 1). 16-bit inputs are rounded
@@ -51,7 +51,7 @@ def check_against_truth(device, dtype, student, teacher, center, temps=(0.1, 0.0
     upstream = torch.randn(()).item()
     loss, grad = loss_and_grad(dino_loss, student.to(dtype), teacher.to(dtype), center.float(),
                                upstream, device, temps)
-    loss64, grad64 = loss_and_grad(dino_loss_ref, student.to(dtype).double(),
+    loss64, grad64 = loss_and_grad(formulas.dino_loss, student.to(dtype).double(),
                                    teacher.to(dtype).double(), center.float().double(), upstream,
                                    "cpu", temps)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -76,7 +76,8 @@ def test_dtypes(backend, dtype):
 def test_float64_runs_the_reference(backend):
     student, teacher, center = make_inputs(3, 2, 4, 20)
     loss, grad = loss_and_grad(dino_loss, student, teacher, center, 1.0, backend, (0.1, 0.04))
-    loss64, grad64 = loss_and_grad(dino_loss_ref, student, teacher, center, 1.0, "cpu", (0.1, 0.04))
+    loss64, grad64 = loss_and_grad(formulas.dino_loss, student, teacher, center, 1.0, "cpu",
+                                   (0.1, 0.04))
     assert loss.dtype == grad.dtype == torch.float64
     assert max_error(loss, loss64) < 1e-12 and max_error(grad, grad64) < 1e-12
 
@@ -95,9 +96,9 @@ def test_extreme_logits(backend):
     temps = (0.1, 0.04)
     loss, grad = loss_and_grad(dino_loss, student.float(), teacher.float(), center.float(),
                                upstream, backend, temps)
-    loss32, grad32 = loss_and_grad(dino_loss_ref, student.float(), teacher.float(),
+    loss32, grad32 = loss_and_grad(formulas.dino_loss, student.float(), teacher.float(),
                                    center.float(), upstream, "cpu", temps)
-    loss64, grad64 = loss_and_grad(dino_loss_ref, student.float().double(),
+    loss64, grad64 = loss_and_grad(formulas.dino_loss, student.float().double(),
                                    teacher.float().double(), center.float().double(), upstream,
                                    "cpu", temps)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
@@ -177,7 +178,8 @@ def test_backward_formula_matches_autograd():
     grad = torch.tensor(-1.7, dtype=torch.float64)
     closed = ops.dino_cross_entropy_backward_ref(student, teacher, center.reshape(-1), *scales,
                                                  student_stats, teacher_stats, grad)
-    _, autograd = loss_and_grad(dino_loss_ref, student, teacher, center, grad, "cpu", (0.1, 0.05))
+    _, autograd = loss_and_grad(formulas.dino_loss, student, teacher, center, grad, "cpu",
+                                (0.1, 0.05))
     assert max_error(closed, autograd) < 1e-12
 
 
@@ -240,8 +242,8 @@ def test_module_matches_official_across_steps():
         student.requires_grad_()
         loss = loss_fn(student.float(), teacher.float(), epoch)
         temp = teacher_temp_schedule(0.04, 0.07, 5, 10)[epoch]
-        expected = dino_loss_ref(student.float().double(), teacher.float().double(), center, 0.1,
-                                 temp)
+        expected = formulas.dino_loss(student.float().double(), teacher.float().double(), center,
+                                      0.1, temp)
         assert max_error(loss, expected) < 1e-5
         batch_center = teacher.float().double().reshape(-1, k).sum(0, keepdim=True) / (t * b)
         center = center * 0.8 + batch_center * (1 - 0.8)
@@ -259,7 +261,7 @@ def test_module_float64_is_float64_exact():
         student, teacher, _ = make_inputs(s, t, b, k)
         loss = loss_fn(student, teacher, epoch)
         temp = teacher_temp_schedule(0.04, 0.07, 5, 10)[epoch].item()
-        assert max_error(loss, dino_loss_ref(student, teacher, center, 0.1, temp)) < 1e-12
+        assert max_error(loss, formulas.dino_loss(student, teacher, center, 0.1, temp)) < 1e-12
         center = center * 0.8 + teacher.reshape(-1, k).mean(0, keepdim=True) * (1 - 0.8)
         assert max_error(loss_fn.center, center) < 1e-12
 
@@ -309,8 +311,8 @@ def test_two_process_center_all_reduce():
     center = torch.zeros(1, k, dtype=torch.float64)
     for step in range(steps):
         for rank in range(WORLD):
-            expected = dino_loss_ref(students[step, rank].double(), teachers[step, rank].double(),
-                                     center)
+            expected = formulas.dino_loss(students[step, rank].double(),
+                                          teachers[step, rank].double(), center)
             assert max_error(results[rank][0][step], expected) < 1e-5
         rows = teachers[step].double().reshape(-1, k)  # both ranks' T * B rows
         center = center * 0.7 + rows.mean(0, keepdim=True) * (1 - 0.7)

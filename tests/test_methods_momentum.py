@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcl
-from fastcl.losses import DINOLoss, dino_loss_ref
-from fastcl.losses.simclrv2 import NTXentMemoryLoss, nt_xent_memory, nt_xent_memory_ref
-from fastcl.losses.simsiam import negative_cosine, simsiam_loss, simsiam_loss_ref
+from fastcl import formulas
+from fastcl.losses import DINOLoss
+from fastcl.losses.simclrv2 import NTXentMemoryLoss, nt_xent_memory
+from fastcl.losses.simsiam import negative_cosine, simsiam_loss
 from fastcl.methods import get_method
 from fastcl.methods.mocov1 import shuffled_bn_forward
 from fastcl.models import build_backbone
@@ -48,13 +49,13 @@ def test_nt_xent_memory_matches_formula(n, d, k):
     z1, z2 = _float64(n, d, 0), _float64(n, d, 1)
     memory = F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1)
     loss = nt_xent_memory(z1, z2, memory, 0.3)
-    expected = nt_xent_memory_ref(z1, z2, memory, 0.3)
+    expected = formulas.nt_xent_memory(z1, z2, memory, 0.3)
     torch.testing.assert_close(loss, expected)
     grads = torch.autograd.grad(loss, (z1, z2))
     torch.testing.assert_close(grads, torch.autograd.grad(expected, (z1, z2)))
     per_anchor = NTXentMemoryLoss(0.3, reduction="none")(z1, z2, memory)
-    torch.testing.assert_close(per_anchor, nt_xent_memory_ref(z1, z2, memory, 0.3,
-                                                              reduction="none"))
+    torch.testing.assert_close(per_anchor, formulas.nt_xent_memory(z1, z2, memory, 0.3,
+                                                                   reduction="none"))
     # No memory: plain NT-Xent.
     torch.testing.assert_close(nt_xent_memory(z1, z2, None, 0.3), fastcl.nt_xent(z1, z2, 0.3))
 
@@ -63,14 +64,14 @@ def test_nt_xent_memory_float32_close_to_float64():
     z1, z2 = _float64(6, 16, 2), _float64(6, 16, 3)
     memory = F.normalize(torch.randn(9, 16, dtype=torch.float64), dim=1)
     loss = nt_xent_memory(z1.float(), z2.float(), memory.float(), 0.2)
-    torch.testing.assert_close(loss.double(), nt_xent_memory_ref(z1, z2, memory, 0.2),
+    torch.testing.assert_close(loss.double(), formulas.nt_xent_memory(z1, z2, memory, 0.2),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_simsiam_loss_matches_formula():
     p1, p2, z1, z2 = (_float64(6, 5, s) for s in range(4))
     loss = simsiam_loss(p1, p2, z1, z2)
-    expected = simsiam_loss_ref(p1, p2, z1, z2)
+    expected = formulas.simsiam_loss(p1, p2, z1, z2)
     torch.testing.assert_close(loss, expected)
     grads = torch.autograd.grad(loss, (p1, p2, z1, z2), allow_unused=True)
     ref_grads = torch.autograd.grad(expected, (p1, p2, z1, z2), allow_unused=True)
@@ -125,8 +126,8 @@ def test_dino_loss_matches_official_formula():
         student = torch.stack([method.head(method.backbone(v)) for v in views]).double()
         teacher = torch.stack([method.teacher(v) for v in views[:2]]).double()
     temperature = 0.04 + (0.07 - 0.04) / 3  # epoch 1 of a 4-epoch linear warm-up
-    expected = dino_loss_ref(student, teacher, torch.zeros(1, 32, dtype=torch.float64), 0.1,
-                             temperature)
+    expected = formulas.dino_loss(student, teacher, torch.zeros(1, 32, dtype=torch.float64), 0.1,
+                                  temperature)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
     # The center moved towards the teacher's mean.
     torch.testing.assert_close(method.criterion.center.double(),

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
+from fastcl import formulas
 from fastcl.data import ImageData
 from fastcl.losses import triplet as triplet_module
-from fastcl.losses.triplet import TripletLoss, mine_triplets, pairwise_distances
-from fastcl.losses.triplet import triplet_margin, triplet_margin_ref
+from fastcl.losses.triplet import TripletLoss, mine_triplets, pairwise_distances, triplet_margin
 from fastcl.methods import get_method
 from fastcl.models import build_backbone
 from fastcl.train import TrainConfig, train
@@ -49,7 +49,7 @@ def test_triplet_matches_definition(mining, distance, m, classes):
     x = torch.randn(m, 5, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, classes, (m,), generator=g)
     got = triplet_margin(x, labels, 0.3, mining=mining, distance=distance)
-    want = triplet_margin_ref(x, labels, 0.3, mining=mining, distance=distance)
+    want = formulas.triplet_margin(x, labels, 0.3, mining=mining, distance=distance)
     torch.testing.assert_close(got, want)
     if want.requires_grad and got.requires_grad:
         grad_got, = torch.autograd.grad(got, x)
@@ -63,7 +63,7 @@ def test_triplet_low_precision(dtype, tol):
     x = torch.randn(20, 16, generator=g)
     labels = torch.randint(0, 4, (20,), generator=g)
     got = triplet_margin(x.to(dtype), labels, mining="batch_hard")
-    want = triplet_margin_ref(x.to(dtype).double(), labels, mining="batch_hard")
+    want = formulas.triplet_margin(x.to(dtype).double(), labels, mining="batch_hard")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
@@ -185,11 +185,11 @@ def test_supcon_method_loss_is_the_formula():
     views = method.augment(images, g)
     loss = method(views, labels=labels)
     z = torch.stack([method.projector(method.backbone(v)) for v in views])  # (V, B, D)
-    want = fastcl.supcon_ref(z.reshape(-1, z.shape[-1]).double(), labels.repeat(2), 0.1)
+    want = formulas.supcon(z.reshape(-1, z.shape[-1]).double(), labels.repeat(2), 0.1)
     torch.testing.assert_close(loss.double(), want * 0.1 / 0.07, rtol=1e-5, atol=1e-5)
     # Without labels every image is its own class: SimCLR's NT-Xent.
     torch.testing.assert_close(method(views).double(),
-                               fastcl.nt_xent_ref(z[0].double(), z[1].double(), 0.1) * 0.1 / 0.07,
+                               formulas.nt_xent(z[0].double(), z[1].double(), 0.1) * 0.1 / 0.07,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -198,8 +198,8 @@ def test_triplet_method_loss_is_the_formula():
     images, labels, g = _batch(8)
     views = method.augment(images, g)
     e = torch.cat([method.head(method.backbone(v)) for v in views])
-    want = triplet_margin_ref(e.double(), labels.repeat(2), 0.3, mining="batch_hard",
-                              distance="euclidean")
+    want = formulas.triplet_margin(e.double(), labels.repeat(2), 0.3, mining="batch_hard",
+                                   distance="euclidean")
     torch.testing.assert_close(method(views, labels=labels).double(), want, rtol=1e-5, atol=1e-5)
 
 

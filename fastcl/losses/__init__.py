@@ -1,20 +1,24 @@
-"""Drop-in losses built on the fused ops."""
+"""Drop-in losses built on the fused ops, as functions and ``nn.Module``s.
+
+One module per op family for the losses several methods share (``contrastive``: NT-Xent,
+InfoNCE, SupCon; ``dino``; ``bank``: the losses over sampled memory-bank rows), and one named
+for its method for a loss only that method uses (``invaspread``, ``simclrv2``, ``simsiam``,
+``triplet``). The papers' formulas they are tested against are in fastcl.formulas.
+"""
+from fastcl.losses.bank import InstDiscNCELoss, sampled_info_nce, sampled_nce
 from fastcl.losses.contrastive import (
     InfoNCELoss,
     NTXentLoss,
     SupConLoss,
     info_nce,
-    info_nce_ref,
     nt_xent,
-    nt_xent_ref,
     supcon,
-    supcon_ref,
 )
 
-from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_ref, dino_loss_sinkhorn
+from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_sinkhorn
 
 __all__ = [
-    "DINOLoss", "dino_loss", "dino_loss_ref", "dino_loss_sinkhorn",
-    "InfoNCELoss", "NTXentLoss", "SupConLoss",
-    "info_nce", "info_nce_ref", "nt_xent", "nt_xent_ref", "supcon", "supcon_ref",
+    "DINOLoss", "dino_loss", "dino_loss_sinkhorn",
+    "InfoNCELoss", "NTXentLoss", "SupConLoss", "info_nce", "nt_xent", "supcon",
+    "InstDiscNCELoss", "sampled_info_nce", "sampled_nce",
 ]

@@ -17,7 +17,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl import _checks
@@ -75,8 +74,8 @@ def dino_loss(
     mean over pairs of  mean_b -sum_k softmax((teacher_t - center) / teacher_temp)_k
     * log_softmax(student_s / student_temp)_k.
     Only student gets a gradient (teacher and center are detached). The temperatures are floats or
-    0-dim tensors, never differentiated. Equals :func:`dino_loss_ref` (the official code's formula)
-    and lightly's DINOLoss.
+    0-dim tensors, never differentiated. Equals fastcl.formulas.dino_loss (the official code's
+    formula) and lightly's DINOLoss.
     """
     _check_inputs(student, teacher, center)
     student_scale = _checks.inverse_temperature(student_temp, student, "student_temp").detach()
@@ -209,30 +208,3 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_center)
         batch_center = batch_center / (rows.shape[0] * size)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
-
-
-# ----------------------------------------------------------------------------------------------
-# The official formula (facebookresearch/dino, DINOLoss.forward), on the (S, B, K) / (T, B, K)
-# layout: per pair it recomputes log_softmax and materializes the products. The truth in tests
-# (run it in float64) and the baseline in benchmarks.
-# ----------------------------------------------------------------------------------------------
-def dino_loss_ref(student: Tensor, teacher: Tensor, center: Tensor,
-                  student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
-    """The official DINO loss: student (S, B, K), teacher (T, B, K), center (1, K) or (K,)."""
-    ncrops, n_teacher = student.shape[0], teacher.shape[0]
-    student_out = student.flatten(0, 1) / student_temp
-    student_out = student_out.chunk(ncrops)
-    teacher_out = F.softmax((teacher.flatten(0, 1) - center) / teacher_temp, dim=-1)
-    teacher_out = teacher_out.detach().chunk(n_teacher)
-
-    total_loss = 0
-    n_loss_terms = 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(len(student_out)):
-            if v == iq:
-                continue
-            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-            total_loss += loss.mean()
-            n_loss_terms += 1
-    total_loss /= n_loss_terms
-    return total_loss

@@ -94,21 +94,3 @@ class InvaSpreadLoss(PairLoss):
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return invaspread(z1, z2, self.temperature, normalize=self.normalize,
                           reduction=self.reduction, gather=self.gather)
-
-
-def invaspread_ref(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
-                   normalize: bool = True, reduction: str = "mean") -> Tensor:
-    """InvaSpread's formula as its code computes it: exp of the dense logits against detached rows,
-    self masked, P_a and the log(1 - s_ak / D_a) terms with the positive's removed. P_a is read
-    from the same matrix (the official code recomputes it as a row dot product) so that the
-    positive's term cancels exactly: in float64 this is exact while 1 - P_a >> 1e-16."""
-    x = torch.cat([z1, z2])
-    x = torch.nn.functional.normalize(x, dim=1) if normalize else x
-    m, n = x.shape[0], z1.shape[0]
-    not_self = 1.0 - torch.eye(m, dtype=x.dtype, device=x.device)
-    s = torch.exp(x @ x.detach().T / temperature) * not_self
-    d = s.sum(1)
-    rows = torch.arange(m, device=x.device)
-    p = s[rows, (rows + n) % m] / d
-    log_one_minus = torch.log(1 - s / d[:, None]).sum(1) - torch.log(1 - p)
-    return _reduce(-(torch.log(p) + log_one_minus), reduction)

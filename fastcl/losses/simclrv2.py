@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastcl import _checks
@@ -61,16 +60,3 @@ class NTXentMemoryLoss(PairLoss):
     def forward(self, z1: Tensor, z2: Tensor, memory: Optional[Tensor] = None) -> Tensor:
         return nt_xent_memory(z1, z2, memory, self.temperature, normalize=self.normalize,
                               reduction=self.reduction, gather=self.gather)
-
-
-def nt_xent_memory_ref(z1: Tensor, z2: Tensor, memory: Tensor, temperature: float = 0.5, *,
-                       normalize: bool = True, reduction: str = "mean") -> Tensor:
-    """The naive formula: the (2N, 2N + K) logits in memory, self-similarity masked, CE on the
-    other view. The truth in tests (run it in float64)."""
-    z = torch.cat([z1, z2])
-    z = F.normalize(z, dim=1) if normalize else z
-    n = z1.shape[0]
-    in_batch = (z @ z.T).fill_diagonal_(float("-inf"))
-    logits = torch.cat([in_batch, z @ memory.detach().to(z.dtype).T], dim=1) / temperature
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, target, reduction=reduction)

@@ -9,7 +9,6 @@ their product at 1e-8: the same value for any non-degenerate row.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,9 +37,3 @@ class SimSiamLoss(nn.Module):
 
     def forward(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
         return simsiam_loss(p1, p2, z1, z2)
-
-
-def simsiam_loss_ref(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
-    """The official formula: nn.CosineSimilarity on detached targets. The truth in tests."""
-    cos = nn.CosineSimilarity(dim=1)
-    return -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) * 0.5

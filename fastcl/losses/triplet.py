@@ -126,38 +126,3 @@ class TripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}"
-
-
-def triplet_margin_ref(embeddings: Tensor, labels: Tensor, margin: float = 0.2, *,
-                       mining: str = "semi_hard", distance: str = "squared",
-                       normalize: bool = True) -> Tensor:
-    """The definition, one anchor (and positive) at a time in Python loops: the truth in tests."""
-    x = F.normalize(embeddings, dim=1) if normalize else embeddings
-    m = x.shape[0]
-
-    def d(i: int, j: int) -> Tensor:
-        sq = (x[i] - x[j]).square().sum()
-        return sq if distance == "squared" else sq.clamp(min=EPS).sqrt()
-
-    def value(t: Tensor) -> float:
-        return float(t.detach())
-
-    losses = []
-    for a in range(m):
-        positives = [p for p in range(m) if p != a and labels[p] == labels[a]]
-        negatives = [n for n in range(m) if labels[n] != labels[a]]
-        if not negatives:
-            continue
-        if mining == "batch_hard":
-            if positives:
-                d_ap = max((d(a, p) for p in positives), key=value)
-                d_an = min((d(a, n) for n in negatives), key=value)
-                losses.append(torch.relu(d_ap - d_an + margin))
-            continue
-        for p in positives:
-            d_ap = d(a, p)
-            farther = [d(a, n) for n in negatives if d(a, n) > d_ap]
-            d_an = (min(farther, key=value) if farther
-                    else max((d(a, n) for n in negatives), key=value))
-            losses.append(torch.relu(d_ap - d_an + margin))
-    return torch.stack(losses).mean() if losses else x.sum() * 0

@@ -17,9 +17,9 @@ where l is the softmax cross-entropy over the K + 1 logits (loss="softmax", CMC'
 fastcl.sampled_info_nce) or InstDisc's NCE (loss="nce", the paper's and the code's default: a
 separate Z per view, estimated on the first batch and frozen: fastcl.InstDiscNCELoss). The default
 here is softmax: on a small data set the similarities soon outgrow the frozen Z and the NCE loss
-diverges (see InstDisc). Both banks are updated after the step with momentum
-0.5 from that step's embeddings. CMC's code draws K = 16384 negatives (its README says 4096);
-the default here is 4096.
+diverges (see InstDisc). Both banks are updated after the step with momentum 0.5 from that step's
+embeddings (the plumbing InstDisc shares: base.BankMethod). CMC's code draws K = 16384 negatives
+(its README says 4096); the default here is 4096.
 
 Evaluation (``method.backbone``): images normalized with the data's statistics -> the two
 encoders' features concatenated (B, 2 d), as CMC's linear evaluation of L + ab. Each encoder has
@@ -37,8 +37,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe
 from fastcl.color import normalized_lab
-from fastcl.methods.base import Method, min_scale_hparam
-from fastcl.methods.instdisc import bank_recipe, check_bank_setup, check_indices
+from fastcl.methods.base import BankMethod, Method
 
 
 def with_in_channels(backbone: nn.Module, in_channels: int) -> nn.Module:
@@ -81,30 +80,23 @@ class SplitEncoders(nn.Module):
         return torch.cat([self.first(a), self.second(b)], dim=1)
 
 
-class CMC(Method):
+class CMC(BankMethod):
     """CMC: L and ab views, one encoder and one memory bank each (NCE or softmax)."""
 
     name = "cmc"
-    batch_extras = ("indices",)
     HPARAMS = {
+        **BankMethod.HPARAMS,
         "temperature": (0.1, "temperature tau of the bank logits (CMC's code: 0.07 on ImageNet, "
                              "0.1 on STL-10's small images)"),
-        "feat_dim": (128, "embedding and bank-row dimension"),
         "num_negatives": (4096, "bank rows K drawn per anchor (16384 in CMC's code)"),
         "loss": ("softmax", "softmax (cross-entropy over the K + 1 logits, CMC's --softmax) or "
                             "nce (the paper's: InstDisc's NCE, one frozen Z per view)"),
-        "bank_momentum": (0.5, "memory-bank update v <- n(m v + (1 - m) f)"),
-        "min_scale": min_scale_hparam(0.2),
     }
-    # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
-    # backbone and 15 epochs; CMC's SGD (lr 0.03, 240 epochs) needs far longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 15}  # CMC: SGD lr 0.03, 240 epochs
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
-        check_bank_setup(self, hp["loss"])
         mean, std = self.recipes[0].mean, self.recipes[0].std
         if len(mean) == 3:
             first, second = with_in_channels(backbone, 1), with_in_channels(backbone, 2)
@@ -116,45 +108,32 @@ class CMC(Method):
         self.memories = nn.ModuleList([
             fastcl.MemoryBank(self.num_items, hp["feat_dim"], momentum=hp["bank_momentum"])
             for _ in range(2)])
-        self.nce = (nn.ModuleList([fastcl.InstDiscNCELoss(self.num_items, hp["temperature"])
-                                   for _ in range(2)]) if hp["loss"] == "nce" else None)
-        self._pending_update: Optional[tuple[Tensor, Tensor, Tensor]] = None
+        self.nce = (nn.ModuleList([self.nce_loss() for _ in range(2)])
+                    if hp["loss"] == "nce" else None)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        return [bank_recipe(image_size, scale, color=False)]
+        # Crop and flip only.
+        return self.same_views(image_size, count=1, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
 
     def augment(self, images: Tensor, g: torch.Generator) -> list[Tensor]:
         """[crop(s) (B, C, s, s): one for color images (split into L and ab), two for gray,
         negatives (B, K) int64 bank rows drawn from g]."""
         crops = [self.recipes[0](images, g) for _ in range(1 if self.backbone.color else 2)]
-        shape = (images.shape[0], self.hparams["num_negatives"])
-        return crops + [torch.randint(0, self.num_items, shape, generator=g, device=images.device)]
+        return crops + [self.draw_negatives(images, g)]
 
     def _score(self, i: int, f: Tensor, rows: Tensor) -> Tensor:
         """View i's embeddings f (B, feat_dim) against the other view's bank."""
-        bank = self.memories[1 - i].tensor
-        if self.nce is not None:
-            return self.nce[i](f, bank, rows)
-        return fastcl.sampled_info_nce(f, bank, rows, self.hparams["temperature"])
+        return self.bank_loss(f, self.memories[1 - i].tensor, rows,
+                              None if self.nce is None else self.nce[i])
 
     def forward(self, views: list[Tensor], *, epoch: int = 0,
                 indices: Optional[Tensor] = None) -> Tensor:
         *crops, negatives = views
-        indices = check_indices(self, indices, crops[0].shape[0])
+        rows = self.bank_rows(indices, negatives, crops[0].shape[0])
         inputs = self.backbone.split(crops[0]) if self.backbone.color else crops
         encoders = (self.backbone.first, self.backbone.second)
         f = [F.normalize(head(enc(x)).float(), dim=1)
              for head, enc, x in zip(self.heads, encoders, inputs)]
-        rows = torch.cat([indices[:, None], negatives], dim=1)  # (B, K + 1), column 0 positive
         loss = self._score(0, f[0], rows) + self._score(1, f[1], rows)
-        if self.training:
-            self._pending_update = (indices, f[0].detach(), f[1].detach())
+        self.update_after_step(indices, (self.memories[0], f[0]), (self.memories[1], f[1]))
         return loss
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        if self._pending_update is not None:
-            indices, f1, f2 = self._pending_update
-            self.memories[0].update(indices, f1, gather=self.gather)
-            self.memories[1].update(indices, f2, gather=self.gather)
-            self._pending_update = None

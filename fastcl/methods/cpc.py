@@ -10,8 +10,7 @@ each patch to z (B, d, grid, grid), with LayerNorm in place of BatchNorm (v2: Ba
 information between the patches of an image): every BatchNorm2d of the backbone becomes a
 GroupNorm with one group, LayerNorm over (C, H, W). z is the pooled output through a LayerNorm
 over its d channels without affine (not in CPC: the loss is blind to an offset shared by every
-z, which grew until all features had cosine similarity ~1 and the kNN fell below its random
-init).
+z, which otherwise grows until all features are alike).
 
 A masked context network (PixelCNN-like: each convolution sees the current row and those above,
 never below) gives c over the grid. For offsets k = 1..``steps`` the prediction W_k c_{i,j} of
@@ -155,12 +154,9 @@ class CPC(Method):
         "min_scale": (0.5, "smallest crop area fraction of the image"),
         "patch_min_scale": (0.6, "smallest crop area fraction of each patch"),
     }
-    # Scaled to small data and CPU budgets: AdamW and a quarter-width backbone (each image is 9
-    # patches of 8 px: the half width of the other methods costs 3.5x per epoch), batch 64 and
-    # lr 3e-3 for enough steps (batch 128 at lr 1e-3 stayed near chance in 10 epochs). CPC v2
-    # trains with Adam for hundreds of epochs.
-    DEFAULTS = dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, batch_size=64, epochs=20,
-                    warmup_epochs=1, width=0.25)
+    # A quarter-width backbone (each image is grid x grid patches), batch 64 and lr 3e-3 for
+    # enough steps (docs/methods.md). CPC v2 trains with Adam for hundreds of epochs.
+    DEFAULTS = {**Method.DEFAULTS, "lr": 3e-3, "batch_size": 64, "epochs": 20, "width": 0.25}
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -170,8 +166,7 @@ class CPC(Method):
         if not 1 <= hp["steps"] <= hp["grid"] - 1:
             raise ValueError(f"steps must lie in [1, grid - 1 = {hp['grid'] - 1}], got "
                              f"{hp['steps']}")
-        if hp["directions"] not in (1, 4):
-            raise ValueError(f"directions must be 1 or 4, got {hp['directions']}")
+        self.check_choice("directions", (1, 4))
         if hp["context_layers"] < 1:
             raise ValueError(f"context_layers must be >= 1, got {hp['context_layers']}")
         self.backbone = PatchGridEncoder(batch_norm_to_layer_norm(backbone), side, patch, stride)

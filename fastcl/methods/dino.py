@@ -23,13 +23,11 @@ Works with the ResNet and ViT backbones (ViT-S/16 and R50 in the paper).
 
 Official: AdamW, lr 5e-4 * B / 256 with warm-up, wd 0.04 -> 0.4 (cosine; here the trainer's
 constant wd), out_dim 65536, tau_s 0.1, tau_t 0.04 -> 0.07 over 30 of 100 epochs, momentum 0.996,
-EMA centering, no BN in the head. The defaults here depart from these where a short run on small
-images needs it. With the official ones on the digits (8 px images, 132 steps) the student
-collapses to the uniform marginal within 20 steps and kNN falls from 0.81 to 0.69: a random
-network's outputs for two crops of an 8 px image hardly agree (the cross-entropy of matched crops is
-only 0.04 nats under that of shuffled ones), so predicting the marginal is the student's best move.
-Sinkhorn centering (targets balanced over the prototypes in every batch), 128 prototypes, tau_s
-0.2, BN in the head and a faster teacher (0.9) learn the digits instead.
+EMA centering, no BN in the head. The defaults depart from these where a short run on small images
+needs it: with the official ones the student collapses to the uniform marginal on the digits (a
+random network's outputs for two crops of an 8 px image hardly agree), while Sinkhorn centering
+(targets balanced over the prototypes in every batch), 128 prototypes, tau_s 0.2, BN in the head
+and a faster teacher (0.9) learn them (docs/methods.md, "DINO's defaults").
 """
 from __future__ import annotations
 
@@ -41,8 +39,8 @@ import fastcl
 from fastcl import _checks
 from fastcl.augment import Recipe
 from fastcl.losses import DINOLoss
-from fastcl.methods.base import CROP_FLOOR_HELP, Method
-from fastcl.methods.mocov1 import momentum_copy
+from fastcl.methods.base import (BYOL_COLOR, CROP_FLOOR_HELP, Method, byol_views, momentum_copy,
+                                 momentum_follow)
 from fastcl.models import mlp
 
 
@@ -96,25 +94,22 @@ class DINO(Method):
         "local_scale": (0.4, "largest area fraction of the local crops (smallest: 0.05, raised "
                              "like the global crops' floor)"),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=0.04, batch_size=128, epochs=40,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "weight_decay": 0.04, "epochs": 40}  # DINO's starting wd
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
         for name in ("norm_last_layer", "bn_in_head"):
-            if hp[name] not in (0, 1):
-                raise ValueError(f"{name} must be 0 or 1, got {hp[name]!r}")
+            self.check_choice(name, (0, 1))
         for name in ("num_local_crops", "freeze_last_layer", "warmup_teacher_temp_epochs"):
-            if not (isinstance(hp[name], int) and hp[name] >= 0):
-                raise ValueError(f"{name} must be an integer >= 0, got {hp[name]!r}")
+            self.check_int(name, 0)
         _checks.unit_interval("teacher_momentum", hp["teacher_momentum"])
         if not hp["clip_grad"] >= 0:
             raise ValueError(f"clip_grad must be >= 0, got {hp['clip_grad']}")
         self.head = DINOHead(backbone.out_dim, hp["out_dim"], hp["head_hidden"],
                              hp["bottleneck"], learn_norm=not hp["norm_last_layer"],
                              batch_norm=bool(hp["bn_in_head"]))
-        self.teacher = momentum_copy(nn.Sequential(backbone, self.head))
+        self.teacher = momentum_copy(backbone, self.head)
         self.criterion = DINOLoss(hp["out_dim"], student_temp=hp["student_temp"],
                                   teacher_temp=hp["teacher_temp"],
                                   warmup_teacher_temp=hp["warmup_teacher_temp"],
@@ -124,11 +119,9 @@ class DINO(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         hp = self.hparams
-        common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
-        global_scale = self.crop_range((hp["global_scale"], 1.0))
-        return [Recipe(image_size, scale=global_scale, blur_p=1.0, **common),
-                Recipe(image_size, scale=global_scale, blur_p=0.1, solarize_p=0.2, **common),
-                *self.small_crops(hp["local_scale"], hp["num_local_crops"], blur_p=0.5, **common)]
+        return [*byol_views(image_size, self.crop_range((hp["global_scale"], 1.0))),
+                *self.small_crops(hp["local_scale"], hp["num_local_crops"], blur_p=0.5,
+                                  **BYOL_COLOR)]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         batch = views[0].shape[0]
@@ -155,4 +148,4 @@ class DINO(Method):
         # The official code updates after the step with the schedule's value at this step.
         m = fastcl.cosine_schedule(min(step, total_steps), total_steps,
                                    self.hparams["teacher_momentum"], 1.0)
-        fastcl.momentum_update(self.teacher, nn.Sequential(self.backbone, self.head), m)
+        momentum_follow(self.teacher, self.backbone, self.head, momentum=m)

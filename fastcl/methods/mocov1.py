@@ -18,28 +18,21 @@ needs no broadcast); on one process the batch is encoded in ``bn_groups`` interl
 each with its own statistics.
 
 Defaults scaled to small data: the paper's queue of 65536 and m = 0.999 assume ~5000 steps per
-epoch; here a queue of 1024 keys and m = 0.99 (a few hundred steps in all).
+epoch; here a queue of 1024 keys and m = 0.99 (a few hundred steps in all), SGD as the paper's.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastcl
+from fastcl import _checks
 from fastcl.augment import Recipe
 from fastcl.distributed import all_gather_no_grad, world
 from fastcl.losses import InfoNCELoss
-from fastcl.methods.base import Method, min_scale_hparam
-
-
-def momentum_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` that gets no gradient: the momentum (key / teacher) encoder."""
-    target = copy.deepcopy(module)
-    target.requires_grad_(False)
-    return target
+from fastcl.methods.base import (MOCO_V1_COLOR, Method, min_scale_hparam, momentum_copy,
+                                 momentum_follow)
 
 
 def _interleave(n: int, groups: int, device) -> Tensor:
@@ -85,29 +78,22 @@ class MoCoV1(Method):
                          "1: none"),
         "min_scale": min_scale_hparam(0.2),
     }
-    # 30 epochs on the digits: kNN 0.964 in 35 s of training on 2 idle cores (12 epochs: 0.911).
-    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=30,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4,
+                "epochs": 30}
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
         for name in ("dim", "queue_size", "bn_groups"):
-            if not (isinstance(hp[name], int) and hp[name] >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {hp[name]!r}")
-        if not 0.0 <= hp["momentum"] <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {hp['momentum']}")
+            self.check_int(name, 1)
+        _checks.unit_interval("momentum", hp["momentum"])
         self.head = nn.Linear(backbone.out_dim, hp["dim"])
-        self.key_encoder = momentum_copy(nn.Sequential(backbone, self.head))
+        self.key_encoder = momentum_copy(backbone, self.head)
         self.queue = fastcl.Queue(hp["queue_size"], hp["dim"])
         self.criterion = InfoNCELoss(hp["temperature"])
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        # MoCo v1's augmentation: crop, grayscale 0.2, color jitter 0.4 (always), flip; no blur.
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        recipe = Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                        gray_p=0.2, blur_p=0.0)
-        return [recipe, recipe]
+        return self.same_views(image_size, **MOCO_V1_COLOR)
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         x_q, x_k = views
@@ -120,5 +106,5 @@ class MoCoV1(Method):
         return loss
 
     def after_step(self, step: int, total_steps: int) -> None:
-        fastcl.momentum_update(self.key_encoder, nn.Sequential(self.backbone, self.head),
-                               self.hparams["momentum"])
+        momentum_follow(self.key_encoder, self.backbone, self.head,
+                        momentum=self.hparams["momentum"])

@@ -6,10 +6,9 @@ grayscale 0.2, Gaussian blur p=0.5, flip. Not symmetrized, as the official code.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from fastcl.augment import Recipe
-from fastcl.methods.mocov1 import MoCoV1, momentum_copy
+from fastcl.methods.base import MOCO_V2_COLOR, momentum_copy
+from fastcl.methods.mocov1 import MoCoV1
 from fastcl.models import mlp
 
 
@@ -22,19 +21,13 @@ class MoCoV2(MoCoV1):
         "temperature": (0.2, "InfoNCE temperature"),
         "mlp_hidden": (512, "hidden width of the MLP head (2048 on ImageNet)"),
     }
-    # 30 epochs on the digits, as MoCo v1 (15 epochs: kNN 0.914, just 10 points over random init).
-    DEFAULTS = dict(optimizer="sgd", lr=0.06, weight_decay=5e-4, batch_size=128, epochs=30,
-                    warmup_epochs=1, width=0.5)
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
         # v2's head replaces v1's linear one, in the query and (a fresh copy) the key encoder.
         self.head = mlp([backbone.out_dim, hp["mlp_hidden"], hp["dim"]], batch_norm=False)
-        self.key_encoder = momentum_copy(nn.Sequential(backbone, self.head))
+        self.key_encoder = momentum_copy(backbone, self.head)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        recipe = Recipe(image_size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
-                        gray_p=0.2, blur_p=0.5)
-        return [recipe, recipe]
+        return self.same_views(image_size, **MOCO_V2_COLOR)

@@ -25,14 +25,13 @@ The defaults below are scaled to the small images and short runs of the embedded
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import fastcl
 from fastcl import _checks
 from fastcl.augment import Recipe
 from fastcl.losses import InfoNCELoss
-from fastcl.methods.base import Method, min_scale_hparam
-from fastcl.methods.mocov1 import momentum_copy
+from fastcl.methods.base import Method, byol_views, min_scale_hparam, momentum_copy, momentum_follow
 from fastcl.models import ViT, mlp
 
 
@@ -50,8 +49,7 @@ class MoCoV3(Method):
         "freeze_patch_projection": (1, "ViT: 1 keeps the patch projection at its random init"),
         "min_scale": min_scale_hparam(0.08),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 12}
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -68,16 +66,11 @@ class MoCoV3(Method):
         self.predictor = mlp([dim, hidden, dim], last_batch_norm=vit, last_affine=False)
         if vit and hp["freeze_patch_projection"]:
             backbone.embed.requires_grad_(False)
-        self.momentum_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
+        self.momentum_encoder = momentum_copy(backbone, self.projector)
         self.criterion = InfoNCELoss(hp["temperature"], gather=self.gather)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        # BYOL's asymmetric augmentation, as MoCo v3 uses.
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        common = dict(scale=scale, jitter=(0.4, 0.4, 0.2, 0.1),
-                      jitter_p=0.8, gray_p=0.2)
-        return [Recipe(image_size, blur_p=1.0, **common),
-                Recipe(image_size, blur_p=0.1, solarize_p=0.2, **common)]
+        return byol_views(image_size, self.crop_range((self.hparams["min_scale"], 1.0)))
 
     def contrastive(self, q: Tensor, k: Tensor) -> Tensor:
         """ctr(q, k) = InfoNCE(q, k) * 2 tau (the official scaling)."""
@@ -92,5 +85,4 @@ class MoCoV3(Method):
     def after_step(self, step: int, total_steps: int) -> None:
         m = fastcl.cosine_schedule(min(step + 1, total_steps), total_steps,
                                    self.hparams["momentum"], 1.0)
-        fastcl.momentum_update(self.momentum_encoder,
-                               nn.Sequential(self.backbone, self.projector), m)
+        momentum_follow(self.momentum_encoder, self.backbone, self.projector, momentum=m)

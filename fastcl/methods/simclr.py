@@ -2,6 +2,8 @@
 
 z = n(g(f(x))) with g: d -> hidden (BN, ReLU) -> out_dim (BN). The loss is the paper's mean over
 the 2N anchors (the official code sums the two directions, i.e. twice this value).
+
+Official: LARS, lr 0.3 * B / 256, 10 warm-up epochs, B 4096, tau 0.1 (ImageNet) / 0.5 (CIFAR).
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from torch import Tensor
 
 from fastcl.augment import Recipe
 from fastcl.losses import NTXentLoss
-from fastcl.methods.base import Method, min_scale_hparam
+from fastcl.methods.base import Method, min_scale_hparam, simclr_color
 from fastcl.models import mlp
 
 
@@ -26,26 +28,19 @@ class SimCLR(Method):
         "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
                                  "ImageNet, 0.5 CIFAR)"),
     }
-    # Scaled to small data and CPU budgets: on the embedded digits, kNN 0.955-0.975 (by seed and
-    # thread count) in under a minute of 2 idle CPU cores. SimCLR's LARS (lr 0.3 B / 256,
-    # 10 warm-up epochs) needs far longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=20,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 20}
+    # Linear layers of the projector (SimCLR v2 deepens it).
+    projector_layers = 2
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
-        self.projector = mlp([backbone.out_dim, hp["proj_hidden"], hp["proj_dim"]],
-                             last_batch_norm=True)
+        hidden = [hp["proj_hidden"]] * (self.projector_layers - 1)
+        self.projector = mlp([backbone.out_dim, *hidden, hp["proj_dim"]], last_batch_norm=True)
         self.criterion = NTXentLoss(temperature=hp["temperature"], gather=self.gather)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        s = self.hparams["jitter_strength"]
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        recipe = Recipe(image_size, scale=scale,
-                        jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
-                        blur_p=0.5)
-        return [recipe, recipe]
+        return self.same_views(image_size, **simclr_color(self.hparams["jitter_strength"]))
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         z1, z2 = (self.projector(self.backbone(v)) for v in views)

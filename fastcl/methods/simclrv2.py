@@ -8,7 +8,7 @@ directions). With ``memory_size`` > 0, a momentum copy of backbone + projector (
 in a fastcl.Queue; every anchor also contrasts against those K rows (extra negatives, read in
 place), and the step's momentum embeddings enter the queue after the loss (gathered from every
 rank under torch.distributed). The paper fine-tunes from the projector's first layer; evaluation
-here reads the backbone, as for every method.
+here reads the backbone, as for every method. Augmentation and the other settings: SimCLR's.
 
 Official: LARS, lr 0.3 * B / 256 (sqrt scaling 0.075 * sqrt(B) for long runs), wd 1e-4, tau 0.1.
 """
@@ -16,54 +16,36 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import fastcl
-from fastcl.augment import Recipe
+from fastcl import _checks
 from fastcl.losses.simclrv2 import NTXentMemoryLoss
-from fastcl.methods.base import Method, min_scale_hparam
-from fastcl.methods.mocov1 import momentum_copy
-from fastcl.models import mlp
+from fastcl.methods.base import momentum_copy, momentum_follow
+from fastcl.methods.simclr import SimCLR
 
 
-class SimCLRv2(Method):
+class SimCLRv2(SimCLR):
     """SimCLR v2: a deeper projector and, optionally, a memory of negatives."""
 
     name = "simclrv2"
     HPARAMS = {
-        "temperature": (0.2, "NT-Xent temperature (0.1 on ImageNet)"),
-        "proj_hidden": (512, "projector hidden width"),
-        "proj_dim": (128, "projection (loss) dimension"),
+        **SimCLR.HPARAMS,
         "memory_size": (0, "momentum-network embeddings kept as extra negatives (0: none)"),
         "memory_momentum": (0.99, "EMA of the memory network (0.999 on ImageNet)"),
-        "min_scale": min_scale_hparam(0.08),
-        "jitter_strength": (0.5, "color jitter strength s: (0.8s, 0.8s, 0.8s, 0.2s) (SimCLR: 1.0 "
-                                 "ImageNet, 0.5 CIFAR)"),
     }
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=12,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**SimCLR.DEFAULTS, "epochs": 12}
+    projector_layers = 3
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
         hp = self.hparams
-        if not (isinstance(hp["memory_size"], int) and hp["memory_size"] >= 0):
-            raise ValueError(f"memory_size must be an integer >= 0, got {hp['memory_size']!r}")
-        if not 0.0 <= hp["memory_momentum"] <= 1.0:
-            raise ValueError(f"memory_momentum must be in [0, 1], got {hp['memory_momentum']}")
-        hidden = hp["proj_hidden"]
-        self.projector = mlp([backbone.out_dim, hidden, hidden, hp["proj_dim"]],
-                             last_batch_norm=True)
+        self.check_int("memory_size", 0)
+        _checks.unit_interval("memory_momentum", hp["memory_momentum"])
         self.criterion = NTXentMemoryLoss(hp["temperature"], gather=self.gather)
         if hp["memory_size"]:
-            self.memory_encoder = momentum_copy(nn.Sequential(backbone, self.projector))
+            self.memory_encoder = momentum_copy(backbone, self.projector)
             self.memory = fastcl.Queue(hp["memory_size"], hp["proj_dim"])
-
-    def view_recipes(self, image_size: int) -> list[Recipe]:
-        s = self.hparams["jitter_strength"]
-        scale = self.crop_range((self.hparams["min_scale"], 1.0))
-        recipe = Recipe(image_size, scale=scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                        jitter_p=0.8, gray_p=0.2, blur_p=0.5)
-        return [recipe, recipe]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
@@ -78,6 +60,5 @@ class SimCLRv2(Method):
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.hparams["memory_size"]:
-            fastcl.momentum_update(self.memory_encoder,
-                                   nn.Sequential(self.backbone, self.projector),
-                                   self.hparams["memory_momentum"])
+            momentum_follow(self.memory_encoder, self.backbone, self.projector,
+                            momentum=self.hparams["memory_momentum"])

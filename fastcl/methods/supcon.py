@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fastcl.augment import Recipe
 from fastcl.losses import SupConLoss
-from fastcl.methods.base import Method, min_scale_hparam
+from fastcl.methods.base import SUPCON_COLOR, Method, min_scale_hparam
 from fastcl.models import mlp
 
 
@@ -35,11 +35,7 @@ class SupCon(Method):
         "base_temperature": (0.0, "0: the paper's loss; 0.07: SupContrast's code (x tau / 0.07)"),
         "min_scale": min_scale_hparam(0.2),
     }
-    # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
-    # backbone and 8 epochs; SupContrast's SGD (lr 0.5 at B 1024, 1000 epochs) needs far
-    # longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=8,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 8}  # SupContrast: SGD lr 0.5 at B 1024, 1000 epochs
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -53,9 +49,7 @@ class SupCon(Method):
                                     base_temperature=hp["base_temperature"] or None)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=self.crop_range((self.hparams["min_scale"], 1.0)),
-                        jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)
-        return [recipe, recipe]
+        return self.same_views(image_size, **SUPCON_COLOR)
 
     def forward(self, views: list[Tensor], *, epoch: int = 0,
                 labels: Optional[Tensor] = None) -> Tensor:

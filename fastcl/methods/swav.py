@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import fastcl
 from fastcl.augment import Recipe
 from fastcl.distributed import all_gather_no_grad
-from fastcl.methods.base import CROP_FLOOR_HELP, Method
+from fastcl.methods.base import CROP_FLOOR_HELP, Method, simclr_color
 from fastcl.models import mlp
 
 
@@ -47,10 +47,7 @@ class SwAV(Method):
         "queue_length": (0, "past large-crop embeddings prepended for Sinkhorn (0: no queue)"),
         "queue_start_epoch": (15, "epoch from which the queue is used"),
     }
-    # Scaled to small data and CPU budgets, as SimCLR's (SwAV's LARS at lr 4.8 and B 4096 needs
-    # hundreds of epochs).
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=15,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 15}  # SwAV: LARS at lr 4.8, B 4096
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -62,12 +59,9 @@ class SwAV(Method):
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
         hp = self.hparams
-        s = hp["jitter_strength"]
-        jitter = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
-                      blur_p=0.5)
-        large = Recipe(image_size, scale=self.crop_range((hp["min_scale"], 1.0)),
-                       **jitter)
-        return [large, large, *self.small_crops(hp["small_scale"], hp["num_small_crops"], **jitter)]
+        color = simclr_color(hp["jitter_strength"])
+        return [*self.same_views(image_size, **color),
+                *self.small_crops(hp["small_scale"], hp["num_small_crops"], **color)]
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         hp = self.hparams

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastcl.augment import Recipe
 from fastcl.losses.triplet import TripletLoss
-from fastcl.methods.base import Method, min_scale_hparam
+from fastcl.methods.base import SUPCON_COLOR, Method, min_scale_hparam
 
 
 class Triplet(Method):
@@ -39,10 +39,7 @@ class Triplet(Method):
         "embed_dim": (128, "embedding dimension"),
         "min_scale": min_scale_hparam(0.2),
     }
-    # Scaled to small data and CPU budgets (as the other methods here): AdamW, a half-width
-    # backbone and 8 epochs; FaceNet's schedule needs far longer runs.
-    DEFAULTS = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, batch_size=128, epochs=8,
-                    warmup_epochs=1, width=0.5)
+    DEFAULTS = {**Method.DEFAULTS, "epochs": 8}
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)
@@ -51,9 +48,7 @@ class Triplet(Method):
         self.criterion = TripletLoss(hp["margin"], mining=hp["mining"], distance=hp["distance"])
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        recipe = Recipe(image_size, scale=self.crop_range((self.hparams["min_scale"], 1.0)),
-                        jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)
-        return [recipe, recipe]
+        return self.same_views(image_size, **SUPCON_COLOR)  # SupCon's augmentation
 
     def forward(self, views: list[Tensor], *, epoch: int = 0,
                 labels: Optional[Tensor] = None) -> Tensor:
