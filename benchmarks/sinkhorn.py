@@ -1,5 +1,5 @@
 """Sinkhorn-Knopp benchmark: fastcl's fused SwAV code assignment against SwAV's own code (the naive
-formula, fastcl.ops.sinkhorn.sinkhorn_ref) and, on a GPU, torch.compile of it, measured in the same
+formula, fastcl.formulas.sinkhorn) and, on a GPU, torch.compile of it, measured in the same
 process.
 
     python benchmarks/sinkhorn.py                 # this machine's default device
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from contrastive import bench_main, measure_case
-from fastcl.ops.sinkhorn import sinkhorn, sinkhorn_ref
+from fastcl.formulas import sinkhorn as sinkhorn_ref
+from fastcl.ops.sinkhorn import sinkhorn
 
 
 def cases(device: str, quick: bool):

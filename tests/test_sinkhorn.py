@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 from conftest import run_on_ranks
 import fastcl.ops.sinkhorn as sinkhorn_ops
+from fastcl import formulas
 from fastcl._backend import cpu_backend_name
 from fastcl.ops import cpu_backend
 from fastcl.losses.dino import DINOLoss, dino_loss_sinkhorn
-from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref, sinkhorn_ref
+from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref
 
 # Codes vs the float64 truth computed from the same (rounded) inputs: |err| <= RTOL * |truth| +
 # ATOL. fp32 rounding of scores / eps and of the log scalings gives a few 1e-6 relative; entries
@@ -53,7 +54,7 @@ def test_matches_swav(backend, b, k, iterations, epsilon):
     """fp32 scores in SwAV's range: equal to SwAV's code run in float64, and to the log-domain
     reference (which must equal SwAV's code: it is the truth of the overflow tests)."""
     scores = similarities(b, k, device=backend)
-    swav64 = sinkhorn_ref(scores.double(), epsilon, iterations)
+    swav64 = formulas.sinkhorn(scores.double(), epsilon, iterations)
     torch.testing.assert_close(sinkhorn_log_ref(scores.double(), epsilon, iterations), swav64,
                                rtol=1e-10, atol=1e-14)
     assert_codes(sinkhorn(scores, epsilon, iterations), swav64)
@@ -62,7 +63,7 @@ def test_matches_swav(backend, b, k, iterations, epsilon):
 def test_iterations_matter():
     """The tolerance above is far below what one iteration more or less changes."""
     scores = similarities(127, 300)
-    q3, q4 = sinkhorn_ref(scores.double(), 0.05, 3), sinkhorn_ref(scores.double(), 0.05, 4)
+    q3, q4 = formulas.sinkhorn(scores.double(), 0.05, 3), formulas.sinkhorn(scores.double(), 0.05, 4)
     assert ((q4 - q3).abs() / q3).max() > 1e3 * RTOL
 
 
@@ -80,8 +81,8 @@ def test_16bit_scores_do_not_overflow(backend, dtype):
     score exceeds 0.55. Ours computes in fp32 from the rounded scores."""
     scores = planted_scores(127, 300, 1.0, backend, dtype)
     if dtype == torch.float16:
-        assert not sinkhorn_ref(scores).isfinite().all()
-    assert_codes(sinkhorn(scores), sinkhorn_ref(scores.double()))
+        assert not formulas.sinkhorn(scores).isfinite().all()
+    assert_codes(sinkhorn(scores), formulas.sinkhorn(scores.double()))
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
@@ -89,8 +90,8 @@ def test_fp32_overflow_of_swav_code(backend, iterations):
     """Scores up to 5 at eps 0.05: exp(100) overflows fp32, so SwAV's code gives NaN; it does not
     overflow in float64, and ours equals that."""
     scores = planted_scores(64, 300, 5.0, backend)
-    assert sinkhorn_ref(scores, 0.05, iterations).isnan().any()
-    swav64 = sinkhorn_ref(scores.double(), 0.05, iterations)
+    assert formulas.sinkhorn(scores, 0.05, iterations).isnan().any()
+    swav64 = formulas.sinkhorn(scores.double(), 0.05, iterations)
     assert swav64.isfinite().all()
     assert_codes(sinkhorn(scores, 0.05, iterations), swav64)
 
@@ -103,7 +104,7 @@ def test_extreme_magnitudes(backend):
     scores = planted_scores(127, 300, 50.0, backend)
     scores[5] -= 60.0  # a sample whose best score is far below everyone else's
     scores[:, 7] -= 60.0  # a prototype that no sample is close to
-    assert sinkhorn_ref(scores.double(), 0.05, 3).isnan().any()
+    assert formulas.sinkhorn(scores.double(), 0.05, 3).isnan().any()
     assert_codes(sinkhorn(scores, 0.05, 3), sinkhorn_log_ref(scores.double(), 0.05, 3),
                  rtol=1e-3)
 
@@ -246,7 +247,7 @@ def test_cpp_rescales_the_stored_codes(monkeypatch, iterations):
     with cpu_backend("cpp"):
         codes = sinkhorn(scores, 0.05, iterations)
     assert fallbacks == []
-    assert_codes(codes, sinkhorn_ref(scores.double(), 0.05, iterations))
+    assert_codes(codes, formulas.sinkhorn(scores.double(), 0.05, iterations))
 
 
 @pytest.mark.parametrize("iterations", [2, 3, 5])
@@ -274,13 +275,13 @@ def test_cpp_codes_buffer_is_reused_only_when_free():
         expected_view = view.clone()
         second = sinkhorn(second_scores)
         assert first.data_ptr() != second.data_ptr() != view.data_ptr()
-        assert_codes(first, sinkhorn_ref(first_scores.double()), "held codes")
+        assert_codes(first, formulas.sinkhorn(first_scores.double()), "held codes")
         assert torch.equal(view, expected_view)
         address = second.data_ptr()
         del second
         third = sinkhorn(second_scores)
     assert third.data_ptr() == address  # recycled once free
-    assert_codes(third, sinkhorn_ref(second_scores.double()), "recycled codes")
+    assert_codes(third, formulas.sinkhorn(second_scores.double()), "recycled codes")
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_strided_scores(backend):
     """A transposed (column-major) view and a row-strided slice give the contiguous result."""
     base = similarities(300, 127, device=backend)
     for scores in (base.T, base[::2]):
-        assert_codes(sinkhorn(scores), sinkhorn_ref(scores.contiguous().double()), "strided")
+        assert_codes(sinkhorn(scores), formulas.sinkhorn(scores.contiguous().double()), "strided")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -302,7 +303,7 @@ def test_nan_propagates(backend, bad):
     scores[3, 4] = float("-inf")
     codes = sinkhorn(scores)
     assert codes[3, 4] == 0
-    assert_codes(codes, sinkhorn_ref(scores.double()))
+    assert_codes(codes, formulas.sinkhorn(scores.double()))
 
 
 def test_no_gradient(backend):
@@ -315,7 +316,7 @@ def test_float64_runs_the_reference():
     scores = similarities(9, 11, dtype=torch.float64)
     codes = sinkhorn(scores)
     assert codes.dtype == torch.float64
-    torch.testing.assert_close(codes, sinkhorn_ref(scores), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(codes, formulas.sinkhorn(scores), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -373,7 +374,7 @@ def test_triton_small_blocks():
         sinkhorn_codes_fwd=partial(kernels.sinkhorn_codes_fwd, block_b=4, block_k=16),
     )
     scores = similarities(61, 45)
-    assert_codes(_sinkhorn_fused(small, scores, 0.05, 3, False), sinkhorn_ref(scores.double()))
+    assert_codes(_sinkhorn_fused(small, scores, 0.05, 3, False), formulas.sinkhorn(scores.double()))
 
 
 # --- gather=True over 2 processes ---------------------------------------------------------------
@@ -387,7 +388,7 @@ def _worker(rank, results, scores):
     for name in ("cpp", "reference"):
         with cpu_backend(name):
             results[(name, rank)] = sinkhorn(mine, 0.05, 3, gather=True)
-    results[("swav", rank)] = sinkhorn_ref(mine, 0.05, 3, gather=True)
+    results[("swav", rank)] = formulas.sinkhorn(mine, 0.05, 3, gather=True)
     results[("log", rank)] = sinkhorn_log_ref(mine, 0.05, 3, gather=True)
 
 
@@ -397,10 +398,10 @@ def test_two_process_gather_equals_one_process():
     for the fused op (C++ kernels and reference backend) and for both references."""
     scores = planted_scores(WORLD * ROWS, PROTOTYPES, 1.0, "cpu")
     results = run_on_ranks(_worker, scores, world=WORLD)
-    truth = sinkhorn_ref(scores.double(), 0.05, 3)
+    truth = formulas.sinkhorn(scores.double(), 0.05, 3)
     for name in ("cpp", "reference", "swav", "log"):
         gathered = torch.cat([results[(name, r)] for r in range(WORLD)])
         assert_codes(gathered.float(), truth, name)
         # gather=False on a rank's rows alone is a different problem: the test can tell.
-        alone = sinkhorn_ref(scores[:ROWS].double(), 0.05, 3)
+        alone = formulas.sinkhorn(scores[:ROWS].double(), 0.05, 3)
         assert (results[(name, 0)].double() - alone).abs().max() > 1e3 * RTOL

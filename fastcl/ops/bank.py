@@ -20,7 +20,7 @@ negatives sampled from a bank.
       nce_b = sum_j softplus(s_bj - nce_shift)            (InstDisc's NCE, below)
   computed in one pass over the gathered rows, which are never materialized: each anchor reads
   its K + 1 bank rows in place. With nce_shift = log(Z K / n), InstDisc's NCE loss of anchor b is
-  nce_b - (positive_b - nce_shift) (see fastcl/memory.py). ``fastcl::sampled_lse_backward``
+  nce_b - (positive_b - nce_shift) (see fastcl/losses/bank.py). ``fastcl::sampled_lse_backward``
   gives d f = scale * sum_j w_bj bank[indices_bj] with w_bj = g_pos_b [j = 0] + g_lse_b
   softmax_j(s_b) + g_nce_b sigmoid(s_bj - nce_shift), gathering the rows again; nothing of size
   B x (K + 1) is saved. The positive logit is an output (rather than a separate dot product) so

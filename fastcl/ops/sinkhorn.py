@@ -97,38 +97,9 @@ def _all_ranks_sum(x: Tensor, gather: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# References: plain PyTorch, materialized. The truth in tests.
+# Reference: plain PyTorch, materialized. The truth in tests (SwAV's own code, which overflows,
+# is fastcl.formulas.sinkhorn).
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sinkhorn_ref(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
-                 gather: bool = False) -> Tensor:
-    """SwAV's ``distributed_sinkhorn``, line for line, in the dtype of scores (B, K) -> (B, K).
-
-    Overflows where SwAV's code does (exp(scores / epsilon) beyond the dtype's range gives
-    inf/NaN): the baseline, and the truth in float64 where it stays finite.
-    """
-    Q = torch.exp(scores / epsilon).t()  # Q is K-by-B for consistency with notations from the paper
-    B = Q.shape[1] * (world()[1] if _distributed(gather) else 1)  # number of samples to assign
-    K = Q.shape[0]  # how many prototypes
-
-    # make the matrix sum to 1
-    sum_Q = _all_ranks_sum(torch.sum(Q), gather)
-    Q /= sum_Q
-
-    for _ in range(iterations):
-        # normalize each row: total weight per prototype must be 1/K
-        sum_of_rows = _all_ranks_sum(torch.sum(Q, dim=1, keepdim=True), gather)
-        Q /= sum_of_rows
-        Q /= K
-
-        # normalize each column: total weight per sample must be 1/B
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-
-    Q *= B  # the columns must sum to 1 so that Q is an assignment
-    return Q.t()
-
-
 @torch.no_grad()
 def sinkhorn_log_ref(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
                      gather: bool = False) -> Tensor:
