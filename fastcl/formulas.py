@@ -163,6 +163,23 @@ def dino_loss(student: Tensor, teacher: Tensor, center: Tensor,
     return total_loss
 
 
+def dino_loss_sinkhorn(student: Tensor, teacher: Tensor, student_temp: float = 0.1,
+                       teacher_temp: float = 0.04, iterations: int = 3) -> Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher`` over all T * B teacher rows (the targets), then DINO's
+    cross-entropy averaged over the (t, s != t) pairs: student (S, B, K), teacher (T, B, K).
+    Computed in the inputs' dtype; overflows where DINOv2's exp(teacher / teacher_temp) does."""
+    t, b, k = teacher.shape
+    q = torch.exp(teacher.reshape(t * b, k) / teacher_temp).t()  # (K, T * B)
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / (t * b)
+    codes = (q * t * b).t().reshape(t, b, k)
+    log_q = torch.log_softmax(student / student_temp, dim=-1)
+    pairs = [(i, j) for i in range(t) for j in range(student.shape[0]) if i != j]
+    return sum(-(codes[i] * log_q[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp (fastcl.sinkhorn): SwAV's distributed_sinkhorn
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,9 @@
 """Test set-up: Triton kernels run under the interpreter on machines without a GPU; that must be
 decided before triton is first imported."""
-import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -49,46 +45,3 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def run_on_ranks(worker, *args, world=2):
-    """Runs worker(rank, results, *args) in `world` gloo processes on this machine; returns the
-    dict the workers filled."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(world, port, worker, args, results), nprocs=world, join=True)
-        return dict(results)
-
-
-def _rank_main(rank, world, port, worker, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        worker(rank, results, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def train_on_batch(method, views, steps, *, epoch=0, lr=3e-3, **extras):
-    """Adam on one fixed batch of augmented views, stepping the method as the trainer does
-    (after_backward, after_step); returns the losses."""
-    opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = method(views, epoch=epoch, **extras)
-        opt.zero_grad()
-        loss.backward()
-        method.after_backward(epoch)
-        opt.step()
-        method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
-
-
-def assert_decreasing(losses):
-    """Finite losses whose last three average below their first three."""
-    assert all(math.isfinite(x) for x in losses), losses
-    assert sum(losses[-3:]) < sum(losses[:3]), losses

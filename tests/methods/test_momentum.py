@@ -12,26 +12,14 @@ from fastcl import formulas
 from fastcl.losses import DINOLoss
 from fastcl.losses.simclrv2 import NTXentMemoryLoss, nt_xent_memory
 from fastcl.losses.simsiam import negative_cosine, simsiam_loss
-from fastcl.methods import get_method
 from fastcl.methods.mocov1 import shuffled_bn_forward
-from fastcl.models import build_backbone
 from fastcl.optim import build_optimizer, set_lr
-from conftest import train_on_batch
-
-
-def _method(name, backbone="resnet18", image_size=8, **hparams):
-    net = build_backbone(backbone, in_channels=1, image_size=image_size, width=0.125)
-    return get_method(name)(net, image_size=image_size, mean=[0.3], std=[0.4], **hparams)
-
-
-def _images(n=16, seed=0, side=8):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 1, side, side, generator=g) * 255).to(torch.uint8), g
+from tests.helpers import make_method, train_on_batch, uint8_images
 
 
 def _fit(method, steps=8, epoch=1, lr=1e-2):
     """Adam on one fixed batch of augmented views; returns the losses."""
-    images, g = _images()
+    images, g = uint8_images()
     views = method.augment(images, g)
     return train_on_batch(method, views, steps, epoch=epoch, lr=lr)
 
@@ -82,7 +70,7 @@ def test_simsiam_loss_matches_formula():
 
 
 def test_mocov3_ctr_is_scaled_info_nce():
-    method = _method("mocov3", temperature=0.3)
+    method = make_method("mocov3", temperature=0.3)
     q, k = _float64(7, 5, 0), _float64(7, 5, 1)
     logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.3
     expected = F.cross_entropy(logits, torch.arange(7)) * 2 * 0.3
@@ -91,8 +79,8 @@ def test_mocov3_ctr_is_scaled_info_nce():
 
 def test_mocov1_loss_and_queue():
     torch.manual_seed(0)
-    method = _method("mocov1", queue_size=40, temperature=0.1)
-    images, g = _images(8)
+    method = make_method("mocov1", queue_size=40, temperature=0.1)
+    images, g = uint8_images(8)
     views = method.augment(images, g)
     method.eval()  # running BN statistics: q and k can be recomputed exactly
     loss = method(views)
@@ -115,9 +103,9 @@ def test_mocov1_loss_and_queue():
 
 def test_dino_loss_matches_official_formula():
     torch.manual_seed(0)
-    method = _method("dino", image_size=16, out_dim=32, num_local_crops=2, centering="ema",
+    method = make_method("dino", image_size=16, out_dim=32, num_local_crops=2, centering="ema",
                      student_temp=0.1, warmup_teacher_temp_epochs=4)
-    images, g = _images(6, side=16)
+    images, g = uint8_images(6, side=16)
     views = method.augment(images, g)
     assert [v.shape[-1] for v in views] == [16, 16, 7, 7]
     method.eval()
@@ -140,8 +128,8 @@ def test_dino_sinkhorn_centering_by_default():
     epsilon = the teacher temperature) against the student at tau_s 0.2; no local crops on
     8 px images; the center is not used."""
     torch.manual_seed(0)
-    method = _method("dino", out_dim=32)
-    images, g = _images(6)
+    method = make_method("dino", out_dim=32)
+    images, g = uint8_images(6)
     views = method.augment(images, g)
     assert [v.shape[-1] for v in views] == [8, 8]
     method.eval()
@@ -156,7 +144,7 @@ def test_dino_sinkhorn_centering_by_default():
     assert torch.equal(method.criterion.center, torch.zeros(1, 32))
     assert any(isinstance(m, nn.BatchNorm1d) for m in method.head.mlp)
     assert not any(isinstance(m, nn.BatchNorm1d)
-                   for m in _method("dino", out_dim=32, bn_in_head=0).head.mlp)
+                   for m in make_method("dino", out_dim=32, bn_in_head=0).head.mlp)
 
 
 def test_dino_loss_module_backward_after_center_update():
@@ -187,7 +175,7 @@ def test_momentum_encoder_update(name, target, online, schedule):
     momentum_name = {"mocov1": "momentum", "mocov3": "momentum", "simclrv2": "memory_momentum",
                      "dino": "teacher_momentum"}[name]
     extra = {"memory_size": 64} if name == "simclrv2" else {}
-    method = _method(name, **{momentum_name: 0.9}, **extra)
+    method = make_method(name, **{momentum_name: 0.9}, **extra)
     encoder = getattr(method, target)
     assert not any(p.requires_grad for p in encoder.parameters())
     _fill(encoder, 0.0)
@@ -215,7 +203,7 @@ def test_shuffled_bn_forward():
 # ----------------------------------------------------------------------------------------------
 # Variants and training steps
 # ----------------------------------------------------------------------------------------------
-# The defaults of every method (ResNet) train in tests/test_methods.py; here the other variants.
+# The defaults of every method (ResNet) train in tests/methods/test_methods.py; here the other variants.
 @pytest.mark.parametrize("name, backbone, hparams", [
     ("mocov1", "resnet18", dict(queue_size=16)),
     ("mocov3", "vit_small", {}),
@@ -224,7 +212,7 @@ def test_shuffled_bn_forward():
 ])
 def test_training_steps_decrease_the_loss(name, backbone, hparams):
     torch.manual_seed(0)
-    method = _method(name, backbone, **hparams)
+    method = make_method(name, backbone=backbone, **hparams)
     losses = _fit(method, steps=8)
     assert all(math.isfinite(v) for v in losses), losses
     # From step 1: step 0 meets a random queue / memory, later steps the batch's own keys.
@@ -232,38 +220,38 @@ def test_training_steps_decrease_the_loss(name, backbone, hparams):
 
 
 def test_mocov3_vit_variant():
-    method = _method("mocov3", "vit_small")
+    method = make_method("mocov3", backbone="vit_small")
     assert not method.backbone.embed.weight.requires_grad  # frozen random patch projection
     linears = [m for m in method.projector if isinstance(m, nn.Linear)]
     assert len(linears) == 3 and isinstance(method.predictor[-1], nn.BatchNorm1d)
-    images, g = _images(4)
+    images, g = uint8_images(4)
     method(method.augment(images, g)).backward()
     assert method.backbone.embed.weight.grad is None
     assert method.backbone.blocks[0].mlp[0].weight.grad is not None
-    resnet = _method("mocov3")
+    resnet = make_method("mocov3")
     assert len([m for m in resnet.projector if isinstance(m, nn.Linear)]) == 2
     assert isinstance(resnet.predictor[-1], nn.Linear)
-    assert len([m for m in _method("mocov3", proj_layers=3).projector
+    assert len([m for m in make_method("mocov3", proj_layers=3).projector
                 if isinstance(m, nn.Linear)]) == 3
-    assert _method("mocov3", "vit_small", freeze_patch_projection=0).backbone.embed.weight \
+    assert make_method("mocov3", backbone="vit_small", freeze_patch_projection=0).backbone.embed.weight \
         .requires_grad
 
 
 def test_dino_last_layer_frozen_in_first_epoch_and_normalized():
     torch.manual_seed(0)
-    method = _method("dino", out_dim=64, num_local_crops=1)
+    method = make_method("dino", out_dim=64, num_local_crops=1)
     before = method.head.last_layer.weight.detach().clone()
     _fit(method, steps=2, epoch=0)
     torch.testing.assert_close(method.head.last_layer.weight, before)
     _fit(method, steps=2, epoch=1)
     assert not torch.allclose(method.head.last_layer.weight, before)
     assert not method.head.last_norm.requires_grad
-    assert _method("dino", out_dim=64, norm_last_layer=0).head.last_norm.requires_grad
+    assert make_method("dino", out_dim=64, norm_last_layer=0).head.last_norm.requires_grad
 
 
 def test_dino_gradient_clipping():
-    method = _method("dino", out_dim=64, num_local_crops=0, clip_grad=1e-3)
-    images, g = _images(8)
+    method = make_method("dino", out_dim=64, num_local_crops=0, clip_grad=1e-3)
+    images, g = uint8_images(8)
     method(method.augment(images, g), epoch=1).backward()
     method.after_backward(1)
     for p in method.parameters():
@@ -272,7 +260,7 @@ def test_dino_gradient_clipping():
 
 
 def test_simsiam_fixed_predictor_lr():
-    method = _method("simsiam")
+    method = make_method("simsiam")
     optimizer = build_optimizer("sgd", method, lr=0.5, weight_decay=1e-4)
     set_lr(optimizer, 0.01)
     predictor = {id(p) for p in method.predictor.parameters()}
@@ -281,7 +269,7 @@ def test_simsiam_fixed_predictor_lr():
         assert group["lr"] == (0.5 if fixed else 0.01)
     assert sum(len(g["params"]) for g in optimizer.param_groups if g.get("fixed_lr")) == \
         len(predictor)
-    scheduled = build_optimizer("sgd", _method("simsiam", fixed_predictor_lr=0), lr=0.5,
+    scheduled = build_optimizer("sgd", make_method("simsiam", fixed_predictor_lr=0), lr=0.5,
                                 weight_decay=1e-4)
     assert not any(g.get("fixed_lr") for g in scheduled.param_groups)
 
@@ -308,7 +296,7 @@ def test_simsiam_fixed_predictor_lr():
 ])
 def test_bad_hparams(name, hparams, match):
     with pytest.raises(ValueError, match=match):
-        _method(name, **hparams)
+        make_method(name, **hparams)
 
 
 def test_bad_loss_inputs():

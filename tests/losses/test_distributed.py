@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import run_on_ranks
 from fastcl import info_nce, nt_xent, supcon
 from fastcl.losses.invaspread import invaspread
+from tests.helpers import run_on_ranks
 
 WORLD, N, D = 2, 6, 10
 

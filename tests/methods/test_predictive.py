@@ -5,21 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastcl
 from fastcl import formulas
 from fastcl.augment import random_resized_crop
 from fastcl.losses.invaspread import InvaSpreadLoss, invaspread
 from fastcl.methods import get_method
 from fastcl.methods.cpc import ContextNetwork, patch_geometry, to_patches
 from fastcl.models import build_backbone
-from conftest import train_on_batch, assert_decreasing
-
-
-def _method(name, channels=1, **hparams):
-    torch.manual_seed(0)
-    backbone = build_backbone("resnet18", in_channels=channels, image_size=8, width=0.125)
-    return get_method(name)(backbone, image_size=8, mean=[0.3] * channels,
-                            std=[0.4] * channels, **hparams)
+from tests.helpers import assert_decreasing, make_method, train_on_batch
 
 
 def _images(n=16, channels=1, seed=0):
@@ -152,7 +144,7 @@ def test_invaspread_errors():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["invaspread", "nt_xent"])
 def test_invaspread_method_loss_is_the_formula(loss):
-    method = _method("invaspread", loss=loss)
+    method = make_method("invaspread", loss=loss)
     images, g = _images(8)
     views = method.augment(images, g)
     z1, z2 = (method.head(method.backbone(v)).double() for v in views)
@@ -163,12 +155,12 @@ def test_invaspread_method_loss_is_the_formula(loss):
 
 @pytest.mark.parametrize("loss", ["invaspread", "nt_xent"])
 def test_invaspread_method_trains(loss):
-    assert_decreasing(_fit(_method("invaspread", loss=loss)))
+    assert_decreasing(_fit(make_method("invaspread", loss=loss)))
 
 
 def test_invaspread_method_errors():
     with pytest.raises(ValueError, match="loss"):
-        _method("invaspread", loss="spread")
+        make_method("invaspread", loss="spread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +192,7 @@ def test_context_sees_rows_above_only():
 
 
 def test_cpc_encoder_uses_layer_norm_and_pools_patches():
-    method = _method("cpc")
+    method = make_method("cpc")
     kinds = {type(m).__name__ for m in method.modules()}
     assert "BatchNorm2d" not in kinds and "GroupNorm" in kinds
     x = torch.randn(3, 1, 8, 8)
@@ -239,7 +231,7 @@ def test_cpc_evaluation_patches_are_trainings_without_randomness(side, channels)
 
 @pytest.mark.parametrize("directions", [1, 4])
 def test_cpc_loss_is_the_formula(directions):
-    method = _method("cpc", directions=directions)
+    method = make_method("cpc", directions=directions)
     images, g = _images(6)
     view, = method.augment(images, g)
     got = method([view])
@@ -259,15 +251,15 @@ def test_cpc_loss_is_the_formula(directions):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cpc_trains(channels):
-    assert_decreasing(_fit(_method("cpc", channels=channels), channels=channels))
+    assert_decreasing(_fit(make_method("cpc", channels=channels), channels=channels))
 
 
 def test_cpc_errors():
     with pytest.raises(ValueError, match="steps"):
-        _method("cpc", steps=3)
+        make_method("cpc", steps=3)
     with pytest.raises(ValueError, match="directions"):
-        _method("cpc", directions=2)
+        make_method("cpc", directions=2)
     with pytest.raises(ValueError, match="grid"):
-        _method("cpc", grid=16)  # 2 px patches at 16 px need side >= 17
+        make_method("cpc", grid=16)  # 2 px patches at 16 px need side >= 17
     with pytest.raises(ValueError, match="context_layers"):
-        _method("cpc", context_layers=0)
+        make_method("cpc", context_layers=0)

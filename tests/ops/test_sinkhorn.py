@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_on_ranks
 import fastcl.ops.sinkhorn as sinkhorn_ops
 from fastcl import formulas
 from fastcl._backend import cpu_backend_name
 from fastcl.ops import cpu_backend
 from fastcl.losses.dino import DINOLoss, dino_loss_sinkhorn
 from fastcl.ops.sinkhorn import _sinkhorn_fused, sinkhorn, sinkhorn_log_ref
+from tests.helpers import max_error, run_on_ranks
 
 # Codes vs the float64 truth computed from the same (rounded) inputs: |err| <= RTOL * |truth| +
 # ATOL. fp32 rounding of scores / eps and of the log scalings gives a few 1e-6 relative; entries
@@ -214,11 +214,9 @@ def test_dino_sinkhorn_centering_many_iterations():
     """Regression through DINO: dino_loss_sinkhorn(iterations=40) and DINOLoss(centering=
     "sinkhorn", sinkhorn_iterations=40) on 8 teacher rows x 4096 prototypes were NaN; they equal
     the float64 formula (SwAV's code in float64, finite here)."""
-    from test_dino import max_error, sinkhorn_centered_truth
-
     student = 0.3 * torch.randn(3, 4, 4096)
     teacher = 0.3 * torch.randn(2, 4, 4096)
-    truth = sinkhorn_centered_truth(student, teacher, 0.1, 0.05, 40)
+    truth = formulas.dino_loss_sinkhorn(student.double(), teacher.double(), 0.1, 0.05, 40)
     assert truth.isfinite()
     loss = dino_loss_sinkhorn(student, teacher, 0.1, 0.05, iterations=40)
     assert loss.isfinite() and max_error(loss, truth) < 1e-5

@@ -8,30 +8,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastcl
 from fastcl import formulas
 from fastcl.color import normalized_lab, rgb_to_lab
 from fastcl.data import ImageData
-from fastcl.methods import get_method
 from fastcl.methods.cmc import with_in_channels
 from fastcl.models import build_backbone
 from fastcl.train import TrainConfig, train
-from conftest import train_on_batch, assert_decreasing
+from tests.helpers import assert_decreasing, make_method, train_on_batch, uint8_images
 
 NUM_ITEMS = 64
 
 
 def _method(name, channels=1, num_items=NUM_ITEMS, **hparams):
-    torch.manual_seed(0)
     hparams.setdefault("num_negatives", 16)
-    backbone = build_backbone("resnet18", in_channels=channels, image_size=8, width=0.125)
-    return get_method(name)(backbone, image_size=8, mean=[0.3] * channels,
-                            std=[0.4] * channels, num_items=num_items, **hparams)
+    return make_method(name, channels, num_items=num_items, **hparams)
 
 
 def _batch(n=16, channels=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = (torch.rand(n, channels, 8, 8, generator=g) * 255).to(torch.uint8)
+    images, g = uint8_images(n, channels, seed=seed)
     indices = torch.randperm(NUM_ITEMS, generator=g)[:n]
     return images, indices, g
 

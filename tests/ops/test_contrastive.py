@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from fastcl.ops.contrastive import (
-    bank_lse,
     backward_coefficients,
     bank_lse,
     bank_lse_ref,
@@ -15,14 +14,10 @@ from fastcl.ops.contrastive import (
     gram_contrastive,
     gram_contrastive_ref,
 )
+from tests.helpers import assert_close, unit_rows
 
 # fp32 kernels vs the float64 truth; 16-bit inputs are rounded first, so only accumulation differs.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-4}
-
-
-def unit_rows(m, d, device, dtype=torch.float32, norm=1.0):
-    x = torch.randn(m, d, dtype=torch.float64)
-    return (norm * x / x.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
 
 
 def random_labels(m, kind, device):
@@ -32,17 +27,6 @@ def random_labels(m, kind, device):
     if kind == "pairs":
         return torch.arange(m, device=device) % ((m + 1) // 2)
     return torch.randperm(m, device=device)
-
-
-def assert_close(actual, expected, tol, what):
-    expected = expected.to(torch.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    if not expected.numel():
-        return
-    both_inf = torch.isinf(expected.cpu()) & (actual.double().cpu() == expected.cpu())
-    err = (actual.double().cpu() - expected.cpu()).abs().masked_fill(both_inf, 0).max().item()
-    scale = expected.cpu().masked_fill(torch.isinf(expected.cpu()), 0).abs().max().item() + 1e-12
-    assert err <= tol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 def run_and_grad(fn, inputs, upstream):

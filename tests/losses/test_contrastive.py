@@ -9,17 +9,10 @@ from hypothesis import strategies as st
 import fastcl
 from fastcl import formulas
 from fastcl.losses.contrastive import info_nce, nt_xent, supcon
+from tests.helpers import assert_close
 
 # Error allowed vs the float64 truth, relative to the largest value compared.
 TOL = {torch.float32: 3e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-
-
-def assert_close(actual, expected, tol, what):
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = (actual - expected).abs().max().item()
-    scale = max(expected.abs().max().item(), 1.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 def compare(fused, naive, inputs, dtype, device, tol=None):

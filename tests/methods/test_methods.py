@@ -7,18 +7,12 @@ import torch
 
 from fastcl.methods import METHODS, get_method
 from fastcl.models import build_backbone, mlp
-from conftest import train_on_batch
-
-
-def _method(name, **hparams):
-    backbone = build_backbone("resnet18", in_channels=1, image_size=8, width=0.125)
-    return get_method(name)(backbone, image_size=8, mean=[0.3], std=[0.4], **hparams)
+from tests.helpers import make_method, train_on_batch, uint8_images
 
 
 def _fit(method, steps=6, epoch=0):
     """Adam on one fixed batch of augmented views: the loss must go down."""
-    g = torch.Generator().manual_seed(0)
-    images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    images, g = uint8_images()
     views = method.augment(images, g)
     return train_on_batch(method, views, steps, epoch=epoch, lr=1e-2)
 
@@ -26,14 +20,14 @@ def _fit(method, steps=6, epoch=0):
 @pytest.mark.parametrize("name", ["simclr", "swav", "mocov2", "byol"])
 def test_method_trains(name):
     torch.manual_seed(0)
-    method = _method(name)
+    method = make_method(name)
     losses = _fit(method, epoch=5)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
 
 
 def test_swav_views_and_frozen_prototypes():
-    method = _method("swav", num_small_crops=3)
+    method = make_method("swav", num_small_crops=3)
     assert [r.size for r in method.recipes] == [8, 8]  # small crops of 8 px: under 6 px, none
     backbone = build_backbone("resnet18", in_channels=1, image_size=32, width=0.125)
     large = get_method("swav")(backbone, image_size=32, mean=[0.3], std=[0.4], num_small_crops=3)
@@ -51,7 +45,7 @@ def test_swav_views_and_frozen_prototypes():
 
 
 def test_swav_queue_fills_and_is_used():
-    method = _method("swav", queue_length=32, queue_start_epoch=0, num_small_crops=0)
+    method = make_method("swav", queue_length=32, queue_start_epoch=0, num_small_crops=0)
     _fit(method, steps=1)
     assert bool(method.queue[:, :16].any()) and not bool(method.queue[:, 16:].any())
     losses = _fit(method, steps=3)  # full from the second step on: its scores join Sinkhorn
@@ -60,7 +54,7 @@ def test_swav_queue_fills_and_is_used():
 
 
 def test_byol_target_follows_with_cosine_momentum():
-    method = _method("byol", momentum_base=0.9)
+    method = make_method("byol", momentum_base=0.9)
     online = list(method.backbone.parameters()) + list(method.projector.parameters())
     with torch.no_grad():
         for p in online:
@@ -75,7 +69,7 @@ def test_byol_target_follows_with_cosine_momentum():
 
 
 def test_mocov2_head_queue_and_key_encoder():
-    method = _method("mocov2", queue_size=24)
+    method = make_method("mocov2", queue_size=24)
     assert [type(m).__name__ for m in method.head] == ["Linear", "ReLU", "Linear"]
     assert method.key_encoder[1] is not method.head
     _fit(method, steps=2)
@@ -89,7 +83,7 @@ def test_unknown_method_and_hparam():
     with pytest.raises(ValueError, match="simclr"):
         get_method("nope")
     with pytest.raises(ValueError, match="temperature"):
-        _method("simclr", tempreature=0.1)
+        make_method("simclr", tempreature=0.1)
 
 
 @pytest.mark.parametrize("name, in_ch, side, dim", [

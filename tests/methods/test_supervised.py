@@ -6,27 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastcl
 from fastcl import formulas
 from fastcl.data import ImageData
 from fastcl.losses import triplet as triplet_module
 from fastcl.losses.triplet import TripletLoss, mine_triplets, pairwise_distances, triplet_margin
 from fastcl.methods import get_method
-from fastcl.models import build_backbone
 from fastcl.train import TrainConfig, train
-from conftest import train_on_batch, assert_decreasing
-
-
-def _method(name, channels=1, **hparams):
-    torch.manual_seed(0)
-    backbone = build_backbone("resnet18", in_channels=channels, image_size=8, width=0.125)
-    return get_method(name)(backbone, image_size=8, mean=[0.3] * channels,
-                            std=[0.4] * channels, **hparams)
+from tests.helpers import assert_decreasing, make_method, train_on_batch, uint8_images
 
 
 def _batch(n=24, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = (torch.rand(n, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    images, g = uint8_images(n, seed=seed)
     return images, torch.randint(0, classes, (n,), generator=g), g
 
 
@@ -180,7 +170,7 @@ def test_triplet_errors():
 # Methods
 # ---------------------------------------------------------------------------------------------
 def test_supcon_method_loss_is_the_formula():
-    method = _method("supcon", base_temperature=0.07)
+    method = make_method("supcon", base_temperature=0.07)
     images, labels, g = _batch(8)
     views = method.augment(images, g)
     loss = method(views, labels=labels)
@@ -194,7 +184,7 @@ def test_supcon_method_loss_is_the_formula():
 
 
 def test_triplet_method_loss_is_the_formula():
-    method = _method("triplet", mining="batch_hard", distance="euclidean", margin=0.3)
+    method = make_method("triplet", mining="batch_hard", distance="euclidean", margin=0.3)
     images, labels, g = _batch(8)
     views = method.augment(images, g)
     e = torch.cat([method.head(method.backbone(v)) for v in views])
@@ -206,17 +196,17 @@ def test_triplet_method_loss_is_the_formula():
 @pytest.mark.parametrize("name, hparams", [
     ("supcon", {}), ("triplet", {}), ("triplet", dict(mining="batch_hard"))])
 def test_supervised_methods_train(name, hparams):
-    method = _method(name, **hparams)
+    method = make_method(name, **hparams)
     assert method.batch_extras == ("labels",)
     assert_decreasing(_fit(method))
 
 
 def test_supervised_method_errors():
     with pytest.raises(ValueError, match="base_temperature"):
-        _method("supcon", base_temperature=-1.0)
+        make_method("supcon", base_temperature=-1.0)
     with pytest.raises(ValueError, match="mining"):
-        _method("triplet", mining="hard")
-    method = _method("supcon")
+        make_method("triplet", mining="hard")
+    method = make_method("supcon")
     images, labels, g = _batch(8)
     with pytest.raises(ValueError, match="labels"):
         method(method.augment(images, g), labels=labels[:5])

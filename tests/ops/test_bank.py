@@ -12,26 +12,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fastcl
-from conftest import run_on_ranks
 from fastcl import formulas
 from fastcl.ops.bank import sampled_lse, sampled_lse_ref
+from tests.helpers import assert_close, run_on_ranks, unit_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # fp32 arithmetic vs the float64 truth on the same rounded inputs; d f is rounded to its dtype.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 NORMALIZED_16BIT_TOL = {torch.bfloat16: 4e-2, torch.float16: 1e-2}
 SHAPES = [(1, 1, 1), (3, 5, 7), (17, 100, 128), (3, 100, 1), (17, 1, 7), (1, 5, 128)]  # B, K, D
-
-
-def unit_rows(m, d, device="cpu", dtype=torch.float32):
-    return F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(device=device, dtype=dtype)
-
-
-def assert_close(actual, expected, tol, what):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
 def sampled_case(b, k, d, device, dtype, n=50):
