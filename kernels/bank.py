@@ -16,10 +16,26 @@ Contracts in fastcl/ops/bank.py.
 
 fp32 arithmetic for every input dtype; offsets are 64-bit. Block sizes are keyword arguments so
 that tests can make them small. Nothing here queries the GPU at import time.
+
+Work and floor: the sampled kernels are gathers, B (K + 1) rows of D elements read forward and
+again backward (2 B (K + 1) D FLOP each way, negligible): InstDisc's B = 256, K = 4096, D = 128
+in fp32 is 537 MB, ~0.13 ms each way at 4.3 TB/s if the random 512-byte rows stream at the copy
+rate (each row is one coalesced load). One program per anchor gives B programs: ~2 per SM at
+B = 256, so latency rather than bandwidth may bound it; splitting K over programs would help.
+The update writes each bank row once (duplicates resolved before the launch, no atomics); the
+ring copy moves B D elements.
 """
 import torch
 import triton
 import triton.language as tl
+
+# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
+# compiles every entry for sm_80 and sm_90): the bank's / queue's dtypes (the (B, D) features are
+# converted to float32 first, a negligible copy: the kernels compute in float32 anyway), and the
+# padded row widths BLOCK_D of the update and sampled kernels (D padded to the first bucket >= D).
+CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
+               dims=(64, 128, 256, 512, 1024))
+_RING_BLOCK_D = 128  # the ring copy loops over D in blocks of this width
 
 
 @triton.jit
@@ -49,14 +65,14 @@ def _ring_advance_kernel(pointer_ptr, count_ptr, B, S):
     tl.store(count_ptr, tl.minimum(tl.load(count_ptr) + B, S))
 
 
-def ring_enqueue(queue, pointer, count, keys, *, block_b=16, block_d=128):
+def ring_enqueue(queue, pointer, count, keys, *, block_b=16, block_d=_RING_BLOCK_D):
     """queue (S, D) contiguous, pointer () int64, count () int64, keys (B, D), B <= S: in place."""
     b, d = keys.shape
     s = queue.shape[0]
     keys = keys.to(queue.dtype)  # rounded by torch (to nearest even), so the kernel only copies
     _ring_enqueue_kernel[(triton.cdiv(b, block_b),)](
         queue, pointer, keys, b, d, s, keys.stride(0), keys.stride(1),
-        BLOCK_B=block_b, BLOCK_D=min(block_d, triton.next_power_of_2(d)),
+        BLOCK_B=block_b, BLOCK_D=block_d,
     )
     _ring_advance_kernel[(1,)](pointer, count, b, s)
 
@@ -87,9 +103,10 @@ def _bank_update_kernel(
 def bank_update(bank, indices, features, last, momentum, *, eps=1e-12):
     """bank (N, D) contiguous, indices (B,) int64, features (B, D), last (B,) bool: in place."""
     b, d = features.shape
+    features = features.float()
     _bank_update_kernel[(b,)](
         bank, indices, features, last.to(torch.uint8), d, features.stride(0), features.stride(1),
-        float(momentum), eps, BLOCK_D=triton.next_power_of_2(d),
+        float(momentum), eps, BLOCK_D=_block_d(d),
     )
 
 
@@ -197,8 +214,16 @@ def _sampled_lse_bwd_kernel(
     tl.store(df_ptr + b * D + feats, acc * scale, mask=feats < D)
 
 
+def _block_d(d):
+    """The padded row width: the first of CONFIGS["dims"] >= d."""
+    for block_d in CONFIGS["dims"]:
+        if block_d >= d:
+            return block_d
+    raise ValueError(f"the GPU bank kernels support D <= {CONFIGS['dims'][-1]}, got D = {d}")
+
+
 def _sampled_blocks(d, block_k):
-    block_d = triton.next_power_of_2(d)
+    block_d = _block_d(d)
     # About 8K fp32 values of gathered rows per step, whatever D.
     return block_d, block_k or max(16, min(128, 8192 // block_d))
 
@@ -207,6 +232,7 @@ def sampled_lse_fwd(f, bank, indices, scale, nce_shift, *, block_k=None):
     """f (B, D), bank (N, D), indices (B, K + 1) int64, scale (), nce_shift () ->
     (positive, lse, nce), each (B,) float32."""
     b, d = f.shape
+    f = f.float()
     block_d, block_k = _sampled_blocks(d, block_k)
     positive, lse, nce = (torch.empty(b, dtype=torch.float32, device=f.device) for _ in range(3))
     _sampled_lse_fwd_kernel[(b,)](
@@ -221,6 +247,7 @@ def sampled_lse_bwd(f, bank, indices, scale, nce_shift, lse, grad_pos, grad_lse,
                     block_k=None):
     """-> d f (B, D) float32 of sum(grad_pos * positive + grad_lse * lse + grad_nce * nce)."""
     b, d = f.shape
+    f = f.float()
     block_d, block_k = _sampled_blocks(d, block_k)
     df = torch.empty(b, d, dtype=torch.float32, device=f.device)
     _sampled_lse_bwd_kernel[(b,)](

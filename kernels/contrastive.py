@@ -12,23 +12,71 @@ statistics are kept apart).
   stats are the same kernel with a and b swapped (offset negated). Without labels (WITH_POS off)
   every kept pair is a negative, and WITH_MEAN also accumulates sum_j softmax(s_i)_j b_j, all
   that the backward of bank negatives needs (``bank_lse_fwd``).
-* ``_stats_bwd_kernel``: recomputes the tiles from the inputs and the coefficients
-  coef (5, .) = [g, lse, lse_pos, 1 / count, r] of the rows (and of the columns, HAS_COL):
-  W_ij = g_i exp(s_ij - lse_i) for a negative, g_i ((q - 1 / count_i) - q r_i) for a positive
-  (q = exp(s_ij - lse_pos_i), exactly 1 for a single positive), 0 for a left-out pair;
-  da = scale W b, db = scale W^T a. GRAM (a = b = u, columns with the rows' coefficients): the
-  tile weights are those of W + W^T, symmetric, so a program visits only the tiles J >= I and
-  adds them times u_J to du_I and transposed times u_I to du_J (atomically: other programs own
-  those rows).
+* ``_stats_bwd_kernel``: row-stationary too: da_I = scale sum_J W_IJ b_J for the BLOCK_M rows a
+  program owns, recomputing each tile of logits from the inputs and the coefficients
+  coef (5, .) = [g, lse, lse_pos, 1 / count, r] of the rows (HAS_ROW) and of the columns
+  (HAS_COL): W_ij = g_i exp(s_ij - lse_i) for a negative, g_i ((q - 1 / count_i) - q r_i) for a
+  positive (q = exp(s_ij - lse_pos_i), exactly 1 for a single positive), 0 for a left-out pair,
+  plus the same with the column's coefficients. The key gradient db = scale W^T a is the same
+  kernel stationary on the other side (a and b, row and column coefficients swapped, offset
+  negated): flash-attention 2's / Inf-CL's dq and dk passes, each program writing its own rows
+  once, with no atomics. A Gram matrix (a = b = u) needs one pass: du = scale (W + W^T) u, the
+  rows' and the columns' weights of one tile with the same coefficients.
 
-Rows of D features live on chip (BLOCK_D = next power of 2 of D), so D <= MAX_DIM; wider inputs
-raise ValueError and the caller falls back. Nothing here queries the GPU at import time.
+GPU design. Logits are formed in base 2: the scale is multiplied by log2(e) once, the statistics
+are kept in log2 units (exp2 / log2 map to single MUFU instructions) and converted with ln(2) when
+stored; a single positive still gives lse_pos = sum_pos exactly (both are s2 * ln 2 of the same
+s2). bf16 / fp16 operands go into tl.dot as they are, with fp32 accumulation and statistics;
+fp32 operands as exact fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set, then
+as tf32 (up to D = 512). Rows of D features live on chip (BLOCK_D = the first of
+``CONFIGS["dims"]`` >= D), so D <= MAX_DIM; wider inputs raise ValueError and the caller falls
+back. Tiles, warps and stages come from ``TILES``, keyed on (operand kind, D bucket): one
+configuration per key, not yet tuned on a GPU (``triton.autotune`` over a few per key is the next
+step once a GPU can time them). Nothing here queries the GPU at import.
+
+Work per op (M, N rows, D features; an H200 does ~790 TFLOP/s bf16 dense, ~4 T exp/s, 4.3 TB/s):
+  forward, one direction      2 M N D FLOP, M N exp2; reads (M + N) D elements from HBM (the
+                              streamed b is re-read by every row block from L2), writes 16 B/row
+  Gram forward (NT-Xent)      2 M^2 D FLOP, M^2 exp2   (M = 2N)
+  Gram backward               4 M^2 D FLOP (recompute S, W u), 2 M^2 exp2 (row and column weights)
+  cross backward, dq and dk   4 M N D FLOP per pass, (1 or 2) M N exp2 per pass
+  bank forward (lse + mean)   4 M K D FLOP, M K exp2
+At 2N = 65536, D = 128, bf16 the NT-Xent forward is 1.10 TFLOP = 1.4 ms of matmul against 4.3 G
+exp2 = 1.1 ms: the floor is ~1.4 ms if the two overlap (~2.5 ms if not); forward + backward
+3.3 TFLOP, 13 G exp2: 4.2 ms / 3.2 ms. Bytes are negligible (65536 x 128 x 2 B = 16.8 MB in,
+read in ~4 us). The symmetric Gram forward (tiles J >= I only, row and column sums of one tile
+with a fixed shift of 1/T when inputs are normalized) would halve the forward's work; it is not
+done yet. With M = 256 queries against a 65536-row bank, the bank forward has only M / BLOCK_M
+programs (4): a split over K with (max, sum, mean) merges is what would fill the GPU; not done yet.
 """
 import torch
 import triton
 import triton.language as tl
 
 MAX_DIM = 1024
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
+# compiles every entry for sm_80 and sm_90): input dtypes, and the padded row widths BLOCK_D (a
+# row of D features is padded to the first bucket >= D; 64 at least: below it the exponentials,
+# not the dot products, set the time).
+CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
+               dims=(64, 128, 256, 512, MAX_DIM))
+# (BLOCK_M = BLOCK_N, num_warps, num_stages) per operand kind and BLOCK_D. "ieee" / "tf32": fp32
+# operands (exact fp32 dots run on FMA units, operands in registers); "16": bf16 / fp16 operands
+# on tensor cores, for the forward statistics; "16acc": the kernels that also carry a
+# (BLOCK_M, BLOCK_D) fp32 accumulator (backward, bank mean). With BLOCK_D = 256, "16" takes 8
+# warps: with 4, the positives' statistics spill. Not yet tuned on a GPU.
+_FP32_TILES = {64: (32, 8, 3), 128: (16, 8, 3), 256: (16, 8, 2), 512: (16, 8, 2), 1024: (16, 8, 2)}
+TILES = {
+    "ieee": _FP32_TILES,
+    # tf32 dots stage their fp32 operands in shared memory: at BLOCK_D = 1024 they take 192 KiB
+    # whatever the stages, over an A100's 163 KiB, so rows that wide stay exact fp32.
+    "tf32": {d: tile for d, tile in _FP32_TILES.items() if d <= 512},
+    "16": {64: (64, 4, 3), 128: (64, 4, 3), 256: (64, 8, 2), 512: (32, 8, 2), 1024: (32, 8, 2)},
+    "16acc": {64: (64, 8, 3), 128: (64, 8, 3), 256: (32, 8, 2), 512: (16, 8, 2),
+              1024: (16, 8, 2)},
+}
 
 
 @triton.jit
@@ -40,15 +88,16 @@ def _load_rows(ptr, rows, dims, n_rows, D, stride_r, stride_d):
 
 @triton.jit
 def _load_coef(ptr, idx, n):
-    """Columns idx of a (5, n) contiguous coefficient matrix [g, lse, lse_pos, inv_count, r];
-    entries past n give weight 0 (g = 0, lse = lse_pos = +inf so that every exp is 0)."""
+    """Columns idx of a (5, n) contiguous coefficient matrix [g, lse, lse_pos, inv_count, r], the
+    two lse in log2 units; entries past n give weight 0 (g = 0, lse = lse_pos = +inf so that
+    every exp2 is 0)."""
     ok = idx < n
     at = ptr + idx.to(tl.int64)  # stepped one row (n) at a time: no 32-bit r * n product
     g = tl.load(at, mask=ok, other=0.0)
     at += n
-    lse = tl.load(at, mask=ok, other=float("inf"))
+    lse = tl.load(at, mask=ok, other=float("inf")) * 1.4426950408889634
     at += n
-    lse_pos = tl.load(at, mask=ok, other=float("inf"))
+    lse_pos = tl.load(at, mask=ok, other=float("inf")) * 1.4426950408889634
     at += n
     inv_count = tl.load(at, mask=ok, other=0.0)
     at += n
@@ -58,11 +107,11 @@ def _load_coef(ptr, idx, n):
 
 @triton.jit
 def _weights(s, pos, g, lse, lse_pos, inv_count, share):
-    """Backward weights of the tile s for one anchor per row ((P, 1) coefficients) or per column
-    ((1, Q)): g exp(s - lse) off pos, g ((q - inv_count) - q share) on pos, q = exp(s - lse_pos)
-    and exactly 1 for a single positive. One exp per element; left-out pairs are the caller's
-    to zero with tl.where (their exp may be inf)."""
-    e = tl.exp(s - tl.where(pos, lse_pos, lse))
+    """Backward weights of the tile s (log2 units) for one anchor per row ((P, 1) coefficients)
+    or per column ((1, Q)): g exp(s - lse) off pos, g ((q - inv_count) - q share) on pos,
+    q = exp(s - lse_pos) and exactly 1 for a single positive. One exp2 per element; left-out
+    pairs are the caller's to zero with tl.where (their exp may be inf)."""
+    e = tl.exp2(s - tl.where(pos, lse_pos, lse))
     q = tl.where(inv_count == 1.0, 1.0, e)
     return g * tl.where(pos, (q - inv_count) - q * share, e)
 
@@ -91,8 +140,7 @@ def _stats_fwd_kernel(
     mean_ptr,  # (M, D) float32 contiguous, out when WITH_MEAN
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd,
-    offset,  # pairs with j - i == offset are left out when HAS_DIAG
-    HAS_DIAG: tl.constexpr,
+    offset,  # pairs with j - i == offset are left out (N: none)
     WITH_POS: tl.constexpr,
     WITH_MEAN: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -106,11 +154,11 @@ def _stats_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     a = _load_rows(a_ptr, rows, dims, M, D, stride_am, stride_ad)
-    scale = tl.load(scale_ptr)
+    scale2 = tl.load(scale_ptr) * 1.4426950408889634  # logits in log2 units
     if WITH_POS:
         a_labels = tl.load(a_labels_ptr + rows, mask=rows < M, other=0)
-    # Online (max, sum) of the negatives and of the positives: the sums hold exp(s - max), with
-    # 0 in place of a -inf max (nothing yet).
+    # Online (max, sum) of the negatives and of the positives, in log2 units: the sums hold
+    # exp2(s - max), with 0 in place of a -inf max (nothing yet).
     max_neg = tl.full([BLOCK_M], float("-inf"), tl.float32)
     sum_neg = tl.zeros([BLOCK_M], tl.float32)
     max_pos = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -121,10 +169,8 @@ def _stats_fwd_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         b = _load_rows(b_ptr, cols, dims, N, D, stride_bn, stride_bd)
-        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
-        keep = cols[None, :] < N
-        if HAS_DIAG:
-            keep = keep & (cols[None, :] - rows[:, None] != offset)
+        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        keep = (cols[None, :] < N) & (cols[None, :] - rows[:, None] != offset)
         if WITH_POS:
             b_labels = tl.load(b_labels_ptr + cols, mask=cols < N, other=0)
             pos = keep & (a_labels[:, None] == b_labels[None, :])
@@ -134,35 +180,35 @@ def _stats_fwd_kernel(
         max_neg_new = tl.maximum(max_neg, tl.max(tl.where(neg, s, float("-inf")), 1))
         # Shift by 0 where the max is still -inf, to avoid (-inf) - (-inf).
         shift_neg = tl.where(max_neg_new == float("-inf"), 0.0, max_neg_new)
-        rescale_neg = tl.exp(max_neg - shift_neg)
+        rescale_neg = tl.exp2(max_neg - shift_neg)
         if WITH_POS:
             max_pos_new = tl.maximum(max_pos, tl.max(tl.where(pos, s, float("-inf")), 1))
             shift_pos = tl.where(max_pos_new == float("-inf"), 0.0, max_pos_new)
-            # One exp per element, each pair shifted by its own kind's max: a single positive
-            # gives exp(s - s) = 1, so lse_pos = s + log(1) = s exactly.
-            e = tl.exp(s - tl.where(pos, shift_pos[:, None], shift_neg[:, None]))
-            sum_pos = sum_pos * tl.exp(max_pos - shift_pos) + tl.sum(tl.where(pos, e, 0.0), 1)
+            # One exp2 per element, each pair shifted by its own kind's max: a single positive
+            # gives exp2(s - s) = 1, so lse_pos = s + log2(1) = s exactly.
+            e = tl.exp2(s - tl.where(pos, shift_pos[:, None], shift_neg[:, None]))
+            sum_pos = sum_pos * tl.exp2(max_pos - shift_pos) + tl.sum(tl.where(pos, e, 0.0), 1)
             logit_sum += tl.sum(tl.where(pos, s, 0.0), 1)
             count += tl.sum(pos.to(tl.float32), 1)
             max_pos = max_pos_new
         else:
-            e = tl.exp(s - shift_neg[:, None])
+            e = tl.exp2(s - shift_neg[:, None])
         e_neg = tl.where(neg, e, 0.0)  # where, not a product: a left-out pair's exp may be inf
         sum_neg = sum_neg * rescale_neg + tl.sum(e_neg, 1)
         if WITH_MEAN:  # rescaled like sum_neg as the running max moves
             mean = mean * rescale_neg[:, None] + tl.dot(e_neg.to(b.dtype), b,
                                                         input_precision=PRECISION)
         max_neg = max_neg_new
-    # A row with nothing of a kind gives -inf + log(0) = -inf.
+    # A row with nothing of a kind gives -inf + log(0) = -inf. Back to natural units.
     row_ok = rows < M
     offs = rows.to(tl.int64)
     at = out_ptr + offs  # stepped one row (M) at a time, as in _load_coef
-    tl.store(at, max_neg + tl.log(sum_neg), mask=row_ok)
+    tl.store(at, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=row_ok)
     if WITH_POS:
         at += M
-        tl.store(at, max_pos + tl.log(sum_pos), mask=row_ok)
+        tl.store(at, (max_pos + tl.log2(sum_pos)) * 0.6931471805599453, mask=row_ok)
         at += M
-        tl.store(at, logit_sum, mask=row_ok)
+        tl.store(at, logit_sum * 0.6931471805599453, mask=row_ok)
         at += M
         tl.store(at, count, mask=row_ok)
     if WITH_MEAN:
@@ -173,99 +219,83 @@ def _stats_fwd_kernel(
 @triton.jit
 def _stats_bwd_kernel(
     a_ptr,  # (M, D)
-    b_ptr,  # (N, D); a_ptr when GRAM
+    b_ptr,  # (N, D)
     a_labels_ptr, b_labels_ptr,  # (M,), (N,) int64 contiguous
     scale_ptr,  # () float32
-    coef_ptr,  # (5, M) float32 contiguous row coefficients
-    col_coef_ptr,  # (5, N) float32 contiguous, read when HAS_COL (coef_ptr when GRAM)
-    da_ptr,  # (M, D) float32 contiguous, out (zero-filled when GRAM: accumulated atomically)
-    db_ptr,  # (N, D) float32 contiguous, zero-filled, accumulated atomically when NEED_DB
+    coef_ptr,  # (5, M) float32 contiguous row coefficients, read when HAS_ROW
+    col_coef_ptr,  # (5, N) float32 contiguous column coefficients, read when HAS_COL
+    da_ptr,  # (M, D) float32 contiguous, out
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd,
-    offset,  # pairs with j - i == offset are left out when HAS_DIAG
-    HAS_DIAG: tl.constexpr,
+    offset,  # pairs with j - i == offset are left out (N: none)
+    HAS_ROW: tl.constexpr,
     HAS_COL: tl.constexpr,
-    NEED_DB: tl.constexpr,
-    GRAM: tl.constexpr,  # a is b, W symmetric: tiles J >= I only (needs BLOCK_M == BLOCK_N)
     RESCALE_W: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """da = scale W b (rows of block I) and, when NEED_DB, db += scale W^T a, for row block I."""
-    block = tl.program_id(0)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    """da = scale W b for the rows of block I, W the rows' weights (HAS_ROW) plus the columns'
+    (HAS_COL)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     a = _load_rows(a_ptr, rows, dims, M, D, stride_am, stride_ad)
     scale = tl.load(scale_ptr)
+    scale2 = scale * 1.4426950408889634  # logits in log2 units, as the coefficients' lse
     a_labels = tl.load(a_labels_ptr + rows, mask=row_ok, other=0)
-    g, lse, lse_pos, inv_count, share = _load_coef(coef_ptr, rows, M)
+    if HAS_ROW:
+        g, lse, lse_pos, inv_count, share = _load_coef(coef_ptr, rows, M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    first = block * BLOCK_M if GRAM else 0
-    for start in range(first, N, BLOCK_N):
+    for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         b = _load_rows(b_ptr, cols, dims, N, D, stride_bn, stride_bd)
-        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
-        keep = row_ok[:, None] & col_ok[None, :]
-        if HAS_DIAG:
-            keep = keep & (cols[None, :] - rows[:, None] != offset)
+        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        keep = row_ok[:, None] & col_ok[None, :] & (cols[None, :] - rows[:, None] != offset)
         b_labels = tl.load(b_labels_ptr + cols, mask=col_ok, other=0)
         pos = keep & (a_labels[:, None] == b_labels[None, :])
-        w = _weights(s, pos, g[:, None], lse[:, None], lse_pos[:, None], inv_count[:, None],
-                     share[:, None])
+        if HAS_ROW:
+            w = _weights(s, pos, g[:, None], lse[:, None], lse_pos[:, None], inv_count[:, None],
+                         share[:, None])
+        else:
+            w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_COL:
             cg, clse, clse_pos, cinv_count, cshare = _load_coef(col_coef_ptr, cols, N)
             w += _weights(s, pos, cg[None, :], clse[None, :], clse_pos[None, :],
                           cinv_count[None, :], cshare[None, :])
         w = tl.where(keep, w, 0.0)  # where, not a product: a left-out pair's exp may be inf
         acc += _w_dot(w, b, RESCALE_W, PRECISION)
-        if NEED_DB:
-            # GRAM: the diagonal tile's W already holds both (i, j) and (j, i), acc has it all.
-            if (not GRAM) or (start != first):
-                db = _w_dot(tl.trans(w), a, RESCALE_W, PRECISION) * scale
-                db_offs = cols[:, None].to(tl.int64) * D + dims[None, :]
-                tl.atomic_add(db_ptr + db_offs, db, mask=col_ok[:, None] & (dims[None, :] < D))
     da_offs = rows[:, None].to(tl.int64) * D + dims[None, :]
-    da_mask = row_ok[:, None] & (dims[None, :] < D)
-    if GRAM:
-        tl.atomic_add(da_ptr + da_offs, acc * scale, mask=da_mask)
-    else:
-        tl.store(da_ptr + da_offs, acc * scale, mask=da_mask)
+    tl.store(da_ptr + da_offs, acc * scale, mask=row_ok[:, None] & (dims[None, :] < D))
 
 
 def _config(x: torch.Tensor, accumulates: bool, block_m, block_n) -> dict:
-    """Compile-time arguments. BLOCK_D holds a whole row; tiles shrink as rows widen so that the
-    row block of a, the streamed block of b and any (BLOCK_M, BLOCK_D) fp32 accumulator (backward,
-    bank mean) fit registers and shared memory (<= 100 KiB up to D = 512, ~130 KiB beyond). With
-    ptxas for sm_90 / sm_80 (Triton 3.9) the forward spills at most 8 bytes; the backward, whose
-    tiles also carry the row and column coefficients, spills up to ~1 KiB at some widths (fp32
-    D = 1024 worst; the lse-only kernel spilled ~0.9 KiB there too).
-    block_m / block_n override the tile sizes (powers of 2, >= 16)."""
+    """Compile-time arguments from CONFIGS and TILES for input x (rows of D features); block_m /
+    block_n override the tile sizes (powers of 2, >= 16)."""
     d = x.shape[1]
     if d > MAX_DIM:
         raise ValueError(f"the GPU contrastive kernels support D <= {MAX_DIM}, got D = {d}")
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
-    if x.dtype == torch.float32:  # exact fp32 dots run on FMA units, operands in registers
-        block, warps = (32 if block_d <= 64 else 16), 8
-    elif accumulates:
-        block, warps = (64 if block_d <= 128 else 32 if block_d <= 256 else 16), 8
+    block_d = next(b for b in CONFIGS["dims"] if b >= d)
+    if x.dtype == torch.float32:
+        tf32 = torch.backends.cuda.matmul.allow_tf32 and block_d in TILES["tf32"]
+        kind = "tf32" if tf32 else "ieee"
     else:
-        # BLOCK_D = 256 takes 8 warps: with 4, the positives' statistics spill.
-        block, warps = (64, 4) if block_d <= 128 else (64, 8) if block_d <= 256 else (32, 8)
+        kind = "16acc" if accumulates else "16"
+    block, warps, stages = TILES[kind][block_d]
     return dict(
-        # Exact fp32 (tests compare with float64); TF32 would keep only 10 mantissa bits.
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        # 16-bit operands ignore the precision; fp32 ones are exact unless TF32 is allowed.
+        PRECISION="tf32" if kind != "ieee" else "ieee",
         BLOCK_M=block_m or block, BLOCK_N=block_n or block, BLOCK_D=block_d,
-        num_warps=warps, num_stages=3 if block_d <= 128 else 2,
+        num_warps=warps, num_stages=stages,
     )
 
 
-def _offset_matters(m: int, n: int, offset: int, has_diag: bool) -> bool:
-    """Whether some pair (i < m, j < n) has j - i == offset."""
-    return has_diag and -m < offset < n
+def _offset(m: int, n: int, offset: int, has_diag: bool) -> int:
+    """The kernels' left-out offset for (m, n) pairs: j - i == offset, or n (never met) when no
+    pair (i < m, j < n) is on that diagonal."""
+    return offset if has_diag and -m < offset < n else n
 
 
 def _labels(x: torch.Tensor) -> torch.Tensor:
@@ -285,10 +315,30 @@ def _row_fwd(a, b, labels, scale, offset, has_diag, block_m, block_n, with_mean=
         a_labels, b_labels = (_labels(labels[0]), _labels(labels[1])) if with_pos else (out, out)
         _stats_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             a, b, a_labels, b_labels, scale.float(), out, mean, m, n, d, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), offset, HAS_DIAG=_offset_matters(m, n, offset, has_diag),
-            WITH_POS=with_pos, WITH_MEAN=with_mean, **cfg,
+            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), WITH_POS=with_pos,
+            WITH_MEAN=with_mean, **cfg,
         )
     return (out, mean) if with_mean else out
+
+
+def _row_bwd(a, b, a_labels, b_labels, scale, coef, col_coef, offset, has_diag, block_m,
+             block_n):
+    """da (M, D) float32 = scale W b, W the rows' weights (coef (5, M), or None) plus the
+    columns' (col_coef (5, N), or None)."""
+    m, d = a.shape
+    n = b.shape[0]
+    da = torch.empty(m, d, dtype=torch.float32, device=a.device)
+    cfg = _config(a, True, block_m, block_n)
+    if m:
+        coef = coef.float().contiguous() if coef is not None else None
+        col_coef = col_coef.float().contiguous() if col_coef is not None else None
+        _stats_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            a, b, a_labels, b_labels, scale.float(), coef if coef is not None else col_coef,
+            col_coef if col_coef is not None else coef, da, m, n, d, a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), HAS_ROW=coef is not None,
+            HAS_COL=col_coef is not None, RESCALE_W=a.dtype == torch.float16, **cfg,
+        )
+    return da
 
 
 def gram_stats_fwd(u, labels, scale, *, block_m=None, block_n=None):
@@ -299,19 +349,10 @@ def gram_stats_fwd(u, labels, scale, *, block_m=None, block_n=None):
 
 def gram_stats_bwd(u, labels, scale, coef, *, block=None):
     """u (M, D), labels (M,), scale (), coef (5, M) -> du (M, D) float32 = scale (W + W^T) u,
-    W the rows' weights (self-pairs 0). Tiles are square (block)."""
-    m, d = u.shape
-    du = torch.zeros(m, d, dtype=torch.float32, device=u.device)
-    cfg = _config(u, True, block, block)
-    if m:
-        labels, coef = _labels(labels), coef.float().contiguous()
-        _stats_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            u, u, labels, labels, scale.float(), coef, coef, du, du, m, m, d,
-            u.stride(0), u.stride(1), u.stride(0), u.stride(1), 0,
-            HAS_DIAG=True, HAS_COL=True, NEED_DB=True, GRAM=True,
-            RESCALE_W=u.dtype == torch.float16, **cfg,
-        )
-    return du
+    W the rows' weights (self-pairs 0): one row-stationary pass, the rows' and the columns'
+    weights of each tile from the same coefficients."""
+    labels = _labels(labels)
+    return _row_bwd(u, u, labels, labels, scale, coef, coef, 0, True, block, block)
 
 
 def bank_lse_fwd(q, bank, scale, *, block_m=None, block_n=None):
@@ -333,20 +374,15 @@ def cross_stats_fwd(q, k, q_labels, k_labels, scale, diag_offset, has_diag, with
 def cross_stats_bwd(q, k, q_labels, k_labels, scale, diag_offset, has_diag, coef, col_coef,
                     need_dk, *, block_m=None, block_n=None):
     """coef (5, M), col_coef (5, N) or (5, 0) -> (dq (M, D), dk (N, D) or (0,)) float32:
-    dq = scale W k, dk = scale W^T q, W the rows' weights [+ the columns' when col_coef has N]."""
-    m, d = q.shape
-    n = k.shape[0]
-    dq = torch.empty(m, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(n, d, dtype=torch.float32, device=q.device) if need_dk else dq.new_empty(0)
-    cfg = _config(q, True, block_m, block_n)
-    if m:
-        coef = coef.float().contiguous()
-        has_col = col_coef.shape[1] > 0
-        col_coef = col_coef.float().contiguous() if has_col else coef  # not read without columns
-        _stats_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            q, k, _labels(q_labels), _labels(k_labels), scale.float(), coef, col_coef, dq,
-            dk if need_dk else dq, m, n, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            diag_offset, HAS_DIAG=_offset_matters(m, n, diag_offset, has_diag), HAS_COL=has_col,
-            NEED_DB=need_dk, GRAM=False, RESCALE_W=q.dtype == torch.float16, **cfg,
-        )
+    dq = scale W k, dk = scale W^T q, W the rows' weights [+ the columns' when col_coef has N].
+    dq is a pass stationary on the rows of q, dk one stationary on the rows of k (the same
+    kernel, sides swapped): no atomics."""
+    q_labels, k_labels = _labels(q_labels), _labels(k_labels)
+    col_coef = col_coef if col_coef.shape[1] > 0 else None
+    dq = _row_bwd(q, k, q_labels, k_labels, scale, coef, col_coef, diag_offset, has_diag,
+                  block_m, block_n)
+    if not need_dk:
+        return dq, dq.new_empty(0)
+    dk = _row_bwd(k, q, k_labels, q_labels, scale, col_coef, coef, -diag_offset, has_diag,
+                  block_m, block_n)
     return dq, dk

@@ -16,6 +16,11 @@ dtype (12 bytes of traffic per float32 parameter, 8 for a float32 target with a 
 
 Offsets are 64-bit. Chunk and block sizes are keyword arguments so that tests can make them
 small. Nothing here queries the GPU at import time.
+
+Work and floor: no FLOPs to speak of; 12 bytes per fp32 parameter (8 with a 16-bit online, 6
+for 16-bit both), read once and written once, in one launch per dtype group. ResNet-50 (25.6 M
+parameters, fp32): 307 MB, ~71 us at an H200's 4.3 TB/s copy rate; ViT-B (86 M): ~0.24 ms. The
+loop over a chunk is coalesced (BLOCK contiguous elements, 16-byte vectors when ALIGNED).
 """
 import torch
 import triton
@@ -37,7 +42,7 @@ def _momentum_update_kernel(
     target_ptr,  # the group's first target tensor; every target is at an offset from it
     online_ptr,  # the group's first online tensor; every online tensor is at an offset from it
     table_ptr,  # (3, chunks) int64: target offset, online offset (elements), chunk length
-    momentum_ptr,  # () momentum, any floating dtype
+    momentum_ptr,  # () float64
     chunks,
     ALIGNED: tl.constexpr,  # every offset is a multiple of 16 elements
     BLOCK: tl.constexpr,
@@ -49,7 +54,7 @@ def _momentum_update_kernel(
     if ALIGNED:  # lets the compiler use 16-byte loads and stores
         target_offset = tl.multiple_of(target_offset, 16)
         online_offset = tl.multiple_of(online_offset, 16)
-    momentum = tl.load(momentum_ptr).to(tl.float64)
+    momentum = tl.load(momentum_ptr)
     keep = momentum.to(tl.float32)
     take = (1.0 - momentum).to(tl.float32)
     for start in range(0, length, BLOCK):
@@ -62,6 +67,11 @@ def _momentum_update_kernel(
             updated = _round_to_bfloat16(updated)
         tl.store(target_ptr + target_offset + idx, updated.to(target_ptr.dtype.element_ty),
                  mask=mask)
+
+
+# What the launcher chooses from, read by it and by fastcl.kernels.aot (tests/test_gpu_compile.py
+# compiles every entry for sm_80 and sm_90): target and online dtypes (any pair), and ALIGNED.
+CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 
 
 # (device, chunk, element sizes, (target address, online address, numel) per pair) -> the
@@ -108,5 +118,6 @@ def momentum_update_(targets, onlines, momentum, *, chunk=16384, block=1024):
     table, aligned = _chunk_table(targets, onlines, chunk)
     chunks = table.shape[1]
     _momentum_update_kernel[(chunks,)](
-        targets[0], onlines[0], table, momentum, chunks, ALIGNED=aligned, BLOCK=block,
+        targets[0], onlines[0], table, momentum.to(torch.float64), chunks, ALIGNED=aligned,
+        BLOCK=block,
     )

@@ -22,10 +22,21 @@ scaling by inv_eps, so nothing overflows and exact ties stay exact (fastcl/ops/s
 why that matters); a NaN or +inf score makes every code NaN, as in SwAV's code. Offsets are
 64-bit. Block sizes and program counts are keyword arguments so that tests can make them small.
 Nothing here queries the GPU at import time.
+
+Work and floor (B x K scores, 3 iterations): one init pass, three step passes and the codes pass,
+each of 2-3 sweeps over the scores: ~15 reads of B x K elements, no FLOPs to speak of but one
+exp per element per pass. At SwAV's 4096 x 3000 fp32 the scores (49 MB) fit an H200's 60 MB L2,
+so HBM sees them about once (plus 49 MB of codes written): ~23 us at 4.3 TB/s; the L2 sweeps
+(~0.7 GB) and the ~25 launches (the torch merges of the partial column sums between passes) cost
+more, ~0.1 ms. No host sync: the potentials stay on the device.
 """
 import torch
 import triton
 import triton.language as tl
+
+# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
+# compiles every entry for sm_80 and sm_90): the scores' dtypes; block sizes are fixed.
+CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 
 
 @triton.jit
