@@ -47,12 +47,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastcl  # noqa: E402
-from fastcl import (  # noqa: E402
-    dino_loss_ref, info_nce_ref, nt_xent_ref, sampled_info_nce_ref, supcon_ref,
-)
+from fastcl import formulas  # noqa: E402
 from fastcl.ops.contrastive import cross_contrastive_ref  # noqa: E402
 from fastcl.ops.momentum import momentum_update_ref  # noqa: E402
-from fastcl.ops.sinkhorn import sinkhorn_log_ref, sinkhorn_ref  # noqa: E402
+from fastcl.ops.sinkhorn import sinkhorn_log_ref  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "matmul_tflops",
@@ -293,7 +291,7 @@ def check_contrastive(run: Run) -> None:
             return (fastcl.info_nce(q, key, queue_dev, 0.07, reduction="none"),)
 
         def reference(q, key):
-            return (info_nce_ref(q, key, queue_dev.double(), 0.07, reduction="none"),)
+            return (formulas.info_nce(q, key, queue_dev.double(), 0.07, reduction="none"),)
 
         run.guarded(f"info_nce queue K={k}", "check", dtype,
                     lambda: compare(run, f"info_nce queue K={k}", dtype, fused, reference,
@@ -347,7 +345,7 @@ def check_others(run: Run) -> None:
             return (fastcl.dino_loss(student, teacher.detach(), center, 0.1, 0.04),)
 
         def reference(student, teacher):
-            return (dino_loss_ref(student, teacher.detach(), center.double(), 0.1, 0.04),)
+            return (formulas.dino_loss(student, teacher.detach(), center.double(), 0.1, 0.04),)
 
         run.guarded(f"dino S={crops} B={b} K={k}", "check", dtype,
                     lambda: compare(run, f"dino S={crops} B={b} K={k}", dtype, fused, reference,
@@ -418,7 +416,7 @@ def check_bank(run: Run) -> None:
     g = torch.randn(b, device=dev)
     compare(run, f"sampled_info_nce B={b} K={k}", "fp32",
             lambda x: (fastcl.sampled_info_nce(x, bank.tensor, idx, 0.07, reduction="none"),),
-            lambda x: (sampled_info_nce_ref(x, bank.tensor.double(), idx, 0.07,
+            lambda x: (formulas.sampled_info_nce(x, bank.tensor.double(), idx, 0.07,
                                             reduction="none"),), [f], [g])
 
 
@@ -511,10 +509,10 @@ def benchmarks(run: Run) -> None:
         z1, z2 = (torch.randn(m // 2, d, device=dev, dtype=half, requires_grad=True)
                   for _ in range(2))
         impls = {"fastcl": lambda: fwd_bwd(lambda a, b: fastcl.nt_xent(a, b, 0.1), [z1, z2]),
-                 "naive": lambda: fwd_bwd(lambda a, b: nt_xent_ref(a, b, 0.1), [z1, z2])}
+                 "naive": lambda: fwd_bwd(lambda a, b: formulas.nt_xent(a, b, 0.1), [z1, z2])}
         if use_compile and (m, d) == s["ntx_bench"][0]:
             impls["torch.compile(naive)"] = lambda z1=z1, z2=z2: fwd_bwd(  # runs after the loop
-                compiled(lambda a, b: nt_xent_ref(a, b, 0.1), run), [z1, z2])
+                compiled(lambda a, b: formulas.nt_xent(a, b, 0.1), run), [z1, z2])
         bench(run, f"nt_xent 2N={m} D={d}", run.half, impls, flops=6 * m * m * d,
               nbytes=4 * m * d * 2, deferred=later)
 
@@ -522,11 +520,11 @@ def benchmarks(run: Run) -> None:
     q, key = (torch.randn(b, d, device=dev, dtype=half, requires_grad=True) for _ in range(2))
     queue = F.normalize(torch.randn(k, d, device=dev), dim=1).to(half)
     impls = {"fastcl": lambda: fwd_bwd(lambda a, c: fastcl.info_nce(a, c, queue, 0.07), [q, key]),
-             "naive (MoCo)": lambda: fwd_bwd(lambda a, c: info_nce_ref(a, c, queue, 0.07),
+             "naive (MoCo)": lambda: fwd_bwd(lambda a, c: formulas.info_nce(a, c, queue, 0.07),
                                              [q, key])}
     if use_compile:
         impls["torch.compile(naive)"] = lambda: fwd_bwd(
-            compiled(lambda a, c: info_nce_ref(a, c, queue, 0.07), run), [q, key])
+            compiled(lambda a, c: formulas.info_nce(a, c, queue, 0.07), run), [q, key])
     bench(run, f"info_nce queue B={b} K={k} D={d}", run.half, impls, flops=4 * b * (k + 1) * d,
           nbytes=(k + 4 * b) * d * 2, deferred=later)
 
@@ -535,7 +533,7 @@ def benchmarks(run: Run) -> None:
     impls = {"fastcl": lambda: fwd_bwd(
                  lambda a, c: fastcl.info_nce(a, c, None, 0.07, symmetric=True), [x, y]),
              "naive (CLIP)": lambda: fwd_bwd(
-                 lambda a, c: info_nce_ref(a, c, None, 0.07, symmetric=True), [x, y])}
+                 lambda a, c: formulas.info_nce(a, c, None, 0.07, symmetric=True), [x, y])}
     if "open_clip ClipLoss" in peers:
         clip = peers["open_clip ClipLoss"]()
         impls["open_clip ClipLoss"] = lambda: fwd_bwd(
@@ -551,7 +549,7 @@ def benchmarks(run: Run) -> None:
     labels = torch.randint(0, max(2, n // 8), (n,), device=dev)
     bench(run, f"supcon M={n} D={d}", run.half,
           {"fastcl": lambda: fwd_bwd(lambda a: fastcl.supcon(a, labels, 0.1), [x]),
-           "naive (SupContrast)": lambda: fwd_bwd(lambda a: supcon_ref(a, labels, 0.1), [x])},
+           "naive (SupContrast)": lambda: fwd_bwd(lambda a: formulas.supcon(a, labels, 0.1), [x])},
           flops=6 * n * n * d, nbytes=2 * n * d * 2, deferred=later)
 
     crops, t_crops, b, k = s["dino_bench"]
@@ -561,19 +559,19 @@ def benchmarks(run: Run) -> None:
     impls = {"fastcl": lambda: fwd_bwd(
                  lambda a: fastcl.dino_loss(a, teacher, center, 0.1, 0.04), [student]),
              "naive (DINO)": lambda: fwd_bwd(
-                 lambda a: dino_loss_ref(a, teacher, center, 0.1, 0.04), [student])}
+                 lambda a: formulas.dino_loss(a, teacher, center, 0.1, 0.04), [student])}
     if use_compile:
         impls["torch.compile(naive)"] = lambda: fwd_bwd(
-            compiled(lambda a: dino_loss_ref(a, teacher, center, 0.1, 0.04), run), [student])
+            compiled(lambda a: formulas.dino_loss(a, teacher, center, 0.1, 0.04), run), [student])
     bench(run, f"dino S={crops} B={b} K={k}", "bf16", impls,
           nbytes=(2 * crops + t_crops) * b * k * 2, deferred=later)
 
     rows, cols = s["sinkhorn"]
     scores = F.normalize(torch.randn(rows, cols, device=dev), dim=1)
     impls = {"fastcl": lambda: lambda: fastcl.sinkhorn(scores, 0.05, 3),
-             "naive (SwAV)": lambda: lambda: sinkhorn_ref(scores, 0.05, 3)}
+             "naive (SwAV)": lambda: lambda: formulas.sinkhorn(scores, 0.05, 3)}
     if use_compile:
-        swav = compiled(lambda x: sinkhorn_ref(x, 0.05, 3), run)
+        swav = compiled(lambda x: formulas.sinkhorn(x, 0.05, 3), run)
         impls["torch.compile(naive)"] = lambda: lambda: swav(scores)
     bench(run, f"sinkhorn {rows}x{cols}", "fp32", impls, nbytes=2 * rows * cols * 4, deferred=later)
 
@@ -599,7 +597,7 @@ def benchmarks(run: Run) -> None:
     bench(run, f"sampled_info_nce B={b} K={k} D={d}", "fp32",
           {"fastcl": lambda: fwd_bwd(lambda a: fastcl.sampled_info_nce(a, bank, idx, 0.07), [f]),
            "naive (InstDisc)": lambda: fwd_bwd(
-               lambda a: sampled_info_nce_ref(a, bank, idx, 0.07), [f])},
+               lambda a: formulas.sampled_info_nce(a, bank, idx, 0.07), [f])},
           flops=4 * b * (k + 1) * d, nbytes=2 * b * (k + 1) * d * 4, deferred=later)
     for case, dtype, impls, flops, nbytes in later:
         bench(run, case, dtype, impls, flops, nbytes)

@@ -232,8 +232,8 @@ def _sweep_dino(k):
         for s, t in crops:
             student, teacher = torch.randn(s, 16, 256).to(dtype), torch.randn(t, 16, 256).to(dtype)
             center = torch.zeros(256)
-            _, ss, ts = k.dino_loss_fwd(student, teacher, center, scale, scale)
-            k.dino_loss_bwd(student, teacher, center, scale, scale, ss, ts, torch.tensor(1.0))
+            _, ss, ts = k.dino_cross_entropy_fwd(student, teacher, center, scale, scale)
+            k.dino_cross_entropy_bwd(student, teacher, center, scale, scale, ss, ts, torch.tensor(1.0))
 
 
 def _sweep_momentum(k):
