@@ -5,10 +5,11 @@ a (M, D), b (N, D), pairs with j - i == offset optionally left out; of the kept 
 equal labels are positives and the rest negatives (the module docstring there says why their
 statistics are kept apart).
 
-* ``_stats_fwd_kernel``: row-stationary; a program owns BLOCK_M rows of a and streams every block
-  of b, keeping per row an online (max, sum) of the negatives and another of the positives (so
-  any logit magnitude is exact, and a single positive's lse is its logit exactly), the sum of
-  the positive logits and their count: stats (4, M) = [lse_neg, lse_pos, sum_pos, count]. Column
+* ``_stats_fwd_kernel``: row-stationary; a program owns BLOCK_M rows of a and streams the blocks
+  of b (all of them, or one split of them when the rows are few), keeping per row an online
+  (max, sum) of the negatives and another of the positives (so any logit magnitude is exact, and
+  a single positive's lse is its logit exactly), the sum of the positive logits and their count:
+  stats (4, M) = [lse_neg, lse_pos, sum_pos, count]. Column
   stats are the same kernel with a and b swapped (offset negated). Without labels (WITH_POS off)
   every kept pair is a negative, and WITH_MEAN also accumulates sum_j softmax(s_i)_j b_j, all
   that the backward of bank negatives needs (``bank_lse_fwd``).
@@ -46,8 +47,9 @@ exp2 = 1.1 ms: the floor is ~1.4 ms if the two overlap (~2.5 ms if not); forward
 3.3 TFLOP, 13 G exp2: 4.2 ms / 3.2 ms. Bytes are negligible (65536 x 128 x 2 B = 16.8 MB in,
 read in ~4 us). The symmetric Gram forward (tiles J >= I only, row and column sums of one tile
 with a fixed shift of 1/T when inputs are normalized) would halve the forward's work; it is not
-done yet. With M = 256 queries against a 65536-row bank, the bank forward has only M / BLOCK_M
-programs (4): a split over K with (max, sum, mean) merges is what would fill the GPU; not done yet.
+done yet. Few rows against many columns (MoCo: M = 256 queries, a 65536-row queue: 4 row blocks)
+would leave the GPU idle, so the forward splits the columns too (grid (row blocks, splits), about
+512 programs) and merges the splits' (lse, mean) or stats in torch, O(splits x M (x D)).
 """
 import torch
 import triton
@@ -56,6 +58,9 @@ import triton.language as tl
 MAX_DIM = 1024
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Programs to aim for when the rows are few and the columns are split: a few per SM on current
+# GPUs, with no device query.
+_TARGET_PROGRAMS = 512
 # What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
 # compiles every entry for sm_80 and sm_90): input dtypes, and the padded row widths BLOCK_D (a
 # row of D features is padded to the first bucket >= D; 64 at least: below it the exponentials,
@@ -136,11 +141,12 @@ def _stats_fwd_kernel(
     b_ptr,  # (N, D)
     a_labels_ptr, b_labels_ptr,  # (M,), (N,) int64 contiguous, read when WITH_POS
     scale_ptr,  # () float32
-    out_ptr,  # (4, M) float32 contiguous stats when WITH_POS, else (M,) lse; out
-    mean_ptr,  # (M, D) float32 contiguous, out when WITH_MEAN
+    out_ptr,  # (SPLIT, 4, M) float32 contiguous stats when WITH_POS, else (SPLIT, M) lse; out
+    mean_ptr,  # (SPLIT, M, D) float32 contiguous, out when WITH_MEAN
     M, N, D,
     stride_am, stride_ad, stride_bn, stride_bd,
     offset,  # pairs with j - i == offset are left out (N: none)
+    cols_per_split,  # program (I, s) streams columns [s * cols_per_split, + cols_per_split)
     WITH_POS: tl.constexpr,
     WITH_MEAN: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -149,9 +155,12 @@ def _stats_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Stats [lse_neg, lse_pos, sum_pos, count] of BLOCK_M rows per program (only lse_neg, over
-    every kept pair, without WITH_POS); WITH_MEAN also mean_i = sum_j softmax(s_i)_j b_j over the
-    negatives."""
+    every kept pair, without WITH_POS) over one split of the columns; WITH_MEAN also
+    mean_i = sum_j softmax(s_i)_j b_j over the negatives of the split."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    first = split * cols_per_split
+    last = tl.minimum(first + cols_per_split, N)
     dims = tl.arange(0, BLOCK_D)
     a = _load_rows(a_ptr, rows, dims, M, D, stride_am, stride_ad)
     scale2 = tl.load(scale_ptr) * 1.4426950408889634  # logits in log2 units
@@ -166,13 +175,13 @@ def _stats_fwd_kernel(
     logit_sum = tl.zeros([BLOCK_M], tl.float32)
     count = tl.zeros([BLOCK_M], tl.float32)
     mean = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        b = _load_rows(b_ptr, cols, dims, N, D, stride_bn, stride_bd)
+        b = _load_rows(b_ptr, cols, dims, last, D, stride_bn, stride_bd)
         s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
-        keep = (cols[None, :] < N) & (cols[None, :] - rows[:, None] != offset)
+        keep = (cols[None, :] < last) & (cols[None, :] - rows[:, None] != offset)
         if WITH_POS:
-            b_labels = tl.load(b_labels_ptr + cols, mask=cols < N, other=0)
+            b_labels = tl.load(b_labels_ptr + cols, mask=cols < last, other=0)
             pos = keep & (a_labels[:, None] == b_labels[None, :])
             neg = keep & (a_labels[:, None] != b_labels[None, :])
         else:
@@ -202,7 +211,8 @@ def _stats_fwd_kernel(
     # A row with nothing of a kind gives -inf + log(0) = -inf. Back to natural units.
     row_ok = rows < M
     offs = rows.to(tl.int64)
-    at = out_ptr + offs  # stepped one row (M) at a time, as in _load_coef
+    at = out_ptr + split.to(tl.int64) * (4 * M if WITH_POS else M) + offs  # stepped by M
+    mean_at = mean_ptr + (split.to(tl.int64) * M + offs[:, None]) * D + dims[None, :]
     tl.store(at, (max_neg + tl.log2(sum_neg)) * 0.6931471805599453, mask=row_ok)
     if WITH_POS:
         at += M
@@ -212,8 +222,7 @@ def _stats_fwd_kernel(
         at += M
         tl.store(at, count, mask=row_ok)
     if WITH_MEAN:
-        tl.store(mean_ptr + offs[:, None] * D + dims[None, :], mean / sum_neg[:, None],
-                 mask=row_ok[:, None] & (dims[None, :] < D))
+        tl.store(mean_at, mean / sum_neg[:, None], mask=row_ok[:, None] & (dims[None, :] < D))
 
 
 @triton.jit
@@ -303,21 +312,45 @@ def _labels(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int64).contiguous()
 
 
+def _splits(row_blocks: int, n: int, block_n: int) -> tuple[int, int]:
+    """(number of column splits, columns per split): enough programs to fill a GPU when the rows
+    are few (a 256-row batch against a 65536-row queue), each split a whole number of blocks of
+    at least 4, none empty."""
+    split = max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(_TARGET_PROGRAMS, row_blocks)))
+    per_split = triton.cdiv(triton.cdiv(max(n, 1), split), block_n) * block_n
+    return triton.cdiv(max(n, 1), per_split), per_split
+
+
 def _row_fwd(a, b, labels, scale, offset, has_diag, block_m, block_n, with_mean=False):
     """labels (a_labels, b_labels) -> stats (4, M) of the rows of a against b; labels None ->
-    lse (M,) over every kept pair, and with_mean (lse, mean (M, D))."""
+    lse (M,) over every kept pair, and with_mean (lse, mean (M, D)). Few rows: the columns are
+    split among programs and the splits' statistics merged here (log-sum-exp of the lse, sums of
+    the rest: a single positive's lse_pos and sum_pos stay equal)."""
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     with_pos = labels is not None
-    out = torch.empty((4, m) if with_pos else (m,), dtype=torch.float32, device=a.device)
-    mean = torch.empty(m, d, dtype=torch.float32, device=a.device) if with_mean else out
     cfg = _config(a, with_mean, block_m, block_n)  # checks D even when there are no rows
+    row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
+    split, per_split = _splits(row_blocks, n, cfg["BLOCK_N"])
+    out = torch.empty((split, 4, m) if with_pos else (split, m), dtype=torch.float32,
+                      device=a.device)
+    mean = torch.empty(split, m, d, dtype=torch.float32, device=a.device) if with_mean else out
     if m:
         a_labels, b_labels = (_labels(labels[0]), _labels(labels[1])) if with_pos else (out, out)
-        _stats_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        _stats_fwd_kernel[(row_blocks, split)](
             a, b, a_labels, b_labels, scale.float(), out, mean, m, n, d, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), WITH_POS=with_pos,
-            WITH_MEAN=with_mean, **cfg,
+            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), per_split,
+            WITH_POS=with_pos, WITH_MEAN=with_mean, **cfg,
         )
+    if split == 1:
+        out, mean = out[0], mean[0]
+    elif with_pos:
+        out = torch.cat([torch.logsumexp(out[:, :2], 0), out[:, 2:].sum(0)])
+    else:
+        lse = torch.logsumexp(out, 0)
+        if with_mean:  # each split's mean is normalized by its own sum: reweigh by its share
+            share = torch.exp(out - lse)[:, :, None]
+            mean = torch.where(share > 0, share * mean, 0.0).sum(0)  # an empty split's is 0/0
+        out = lse
     return (out, mean) if with_mean else out
 
 
