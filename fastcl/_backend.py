@@ -86,9 +86,15 @@ def _launcher(launch: Launch) -> Callable:
     return launch
 
 
+def rows_up_to(max_dim: int) -> Callable[..., bool]:
+    """A triton_fits predicate: the op's first argument (..., D) has D <= max_dim (the Triton
+    kernels keep a whole row in registers)."""
+    return lambda first, *_: first.shape[-1] <= max_dim
+
+
 def register_backends(op, family: str, reference: Callable, launch: Launch, *,
                       cpp_launch: Optional[Launch] = None,
-                      triton_max_dim: Optional[int] = None) -> None:
+                      triton_fits: Optional[Callable[..., bool]] = None) -> None:
     """Registers the fast kernels of the custom op `op` with PyTorch's dispatcher: a CPU kernel
     running the C++ extension (or the backend cpu_backend / FASTCL_CPU_BACKEND chose) and a CUDA
     kernel running the Triton kernels of ``fastcl.kernels.<family>``. op's body, which runs the
@@ -96,14 +102,14 @@ def register_backends(op, family: str, reference: Callable, launch: Launch, *,
 
     reference(*args): the op's reference, called with the op's arguments. Both kernels run it for
         float64 inputs (op's first argument; ops over lists of tensors choose per tensor in their
-        launch), rows wider than triton_max_dim on Triton, and on CPU without a built extension
+        launch), arguments the Triton kernels do not take (triton_fits), and on CPU without a built extension
         (one warning) or under cpu_backend("reference").
     launch: launch(kernels, *args) running the op on `kernels`, the module ``fastcl._C`` or
         ``fastcl.kernels.<family>`` (whose launchers share names and contracts), or the name of
         the launcher to call with the op's arguments.
     cpp_launch: the same for the C++ kernels only, where they differ from launch.
-    triton_max_dim: the Triton kernels keep a whole row of op's first argument (..., D) in
-        registers; with D larger than this the reference runs instead (None: any D).
+    triton_fits: triton_fits(*args) says whether the Triton kernels take these arguments (e.g.
+        rows_up_to(1024)); where it is False the reference runs instead (None: always).
     """
     triton_launch = _launcher(launch)
     cpp_launch = _launcher(launch if cpp_launch is None else cpp_launch)
@@ -112,7 +118,7 @@ def register_backends(op, family: str, reference: Callable, launch: Launch, *,
         return not (isinstance(first, torch.Tensor) and first.dtype == torch.float64)
 
     def triton_or_reference(*args):
-        if fast_path(args[0]) and (triton_max_dim is None or args[0].shape[-1] <= triton_max_dim):
+        if fast_path(args[0]) and (triton_fits is None or triton_fits(*args)):
             return triton_launch(triton_module(family), *args)
         return reference(*args)
 

@@ -223,6 +223,13 @@ def _dino_bwd_kernel(
                  mask=s_ok[:, None] & (ks[None, :] < K))
 
 
+def fits(student_crops: int, teacher_crops: int) -> bool:
+    """Whether the compiled crop buckets take S student and T teacher crops (else the op runs its
+    reference)."""
+    return (student_crops <= CONFIGS["student_crops"][-1]
+            and teacher_crops <= CONFIGS["teacher_crops"][-1])
+
+
 def _bucket(n: int, what: str) -> int:
     """The first of CONFIGS[what] >= n."""
     for size in CONFIGS[what]:

@@ -197,6 +197,27 @@ def test_wide_rows_skip_triton_on_the_triton_backend(monkeypatch):
     assert spies["contrastive"].calls == ["gram_stats_fwd"]
 
 
+def test_many_crops_skip_triton_on_the_triton_backend(monkeypatch):
+    """DINO with more crops than the Triton kernels' buckets runs the reference on the Triton
+    backend (the interpreter on CPU), equal to the official formula."""
+    pytest.importorskip("triton")
+    from fastcl import dino_loss, formulas
+    from fastcl.kernels import dino as dino_kernels
+    from fastcl.ops import cpu_backend
+
+    s = dino_kernels.CONFIGS["student_crops"][-1] + 1
+    student = torch.randn(s, 2, 7, dtype=torch.float64).float().requires_grad_()
+    teacher, center = torch.randn(2, 2, 7), torch.randn(1, 7)
+    launched = []
+    monkeypatch.setattr(dino_kernels, "dino_cross_entropy_fwd",
+                        lambda *a, **k: launched.append(a))
+    with cpu_backend("triton"):
+        loss = dino_loss(student, teacher, center)
+    assert launched == [] and not dino_kernels.fits(s, 2) and dino_kernels.fits(s - 1, 2)
+    truth = formulas.dino_loss(student.detach().double(), teacher.double(), center.double())
+    torch.testing.assert_close(loss.double(), truth, atol=1e-6, rtol=1e-6)
+
+
 def test_compiled_call_reaches_the_cpp_kernel(monkeypatch):
     """torch.compile(fullgraph=True) keeps the op in the graph; at run time the dispatcher still
     sends CPU tensors to the C++ kernel, and the gradient matches eager."""

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, register_backends
+from fastcl._backend import accumulation_dtype, register_backends, rows_up_to
 
 # The Triton update and sampled-lse kernels keep a whole feature row in registers; wider rows run
 # the reference.
@@ -141,7 +141,7 @@ def _bank_update_launch(kernels, bank, indices, features, momentum):
 
 
 register_backends(bank_update_, "bank", bank_update_ref, _bank_update_launch,
-                  triton_max_dim=TRITON_MAX_DIM)
+                  triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @bank_update_.register_fake
@@ -161,7 +161,7 @@ def sampled_lse(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor,
 
 
 register_backends(sampled_lse, "bank", sampled_lse_ref, "sampled_lse_fwd",
-                  triton_max_dim=TRITON_MAX_DIM)
+                  triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @sampled_lse.register_fake
@@ -181,7 +181,7 @@ def sampled_lse_backward(f: Tensor, bank: Tensor, indices: Tensor, scale: Tensor
 
 
 register_backends(sampled_lse_backward, "bank", sampled_lse_backward_ref, "sampled_lse_bwd",
-                  triton_max_dim=TRITON_MAX_DIM)
+                  triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @sampled_lse_backward.register_fake

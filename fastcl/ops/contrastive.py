@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, register_backends
+from fastcl._backend import accumulation_dtype, register_backends, rows_up_to
 
 # The Triton kernels keep a whole row of features in registers; wider rows use the reference.
 TRITON_MAX_DIM = 1024
@@ -201,7 +201,7 @@ def gram_contrastive(u: Tensor, labels: Tensor, scale: Tensor) -> tuple[Tensor, 
 
 
 register_backends(gram_contrastive, "contrastive", gram_contrastive_ref, _gram_contrastive_launch,
-                  triton_max_dim=TRITON_MAX_DIM)
+                  triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @gram_contrastive.register_fake
@@ -217,7 +217,7 @@ def gram_contrastive_backward(u: Tensor, labels: Tensor, scale: Tensor, coef: Te
 
 
 register_backends(gram_contrastive_backward, "contrastive", gram_contrastive_backward_ref,
-                  "gram_stats_bwd", triton_max_dim=TRITON_MAX_DIM)
+                  "gram_stats_bwd", triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @gram_contrastive_backward.register_fake
@@ -260,7 +260,7 @@ def cross_contrastive(
 
 
 register_backends(cross_contrastive, "contrastive", cross_contrastive_ref,
-                  _cross_contrastive_launch, triton_max_dim=TRITON_MAX_DIM)
+                  _cross_contrastive_launch, triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @cross_contrastive.register_fake
@@ -284,7 +284,7 @@ def cross_contrastive_backward(
 
 
 register_backends(cross_contrastive_backward, "contrastive", cross_contrastive_backward_ref,
-                  _cross_contrastive_backward_launch, triton_max_dim=TRITON_MAX_DIM)
+                  _cross_contrastive_backward_launch, triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @cross_contrastive_backward.register_fake
@@ -331,7 +331,7 @@ def bank_lse(q: Tensor, bank: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
 
 
 register_backends(bank_lse, "contrastive", bank_lse_ref, "bank_lse_fwd",
-                  triton_max_dim=TRITON_MAX_DIM)
+                  triton_fits=rows_up_to(TRITON_MAX_DIM))
 
 
 @bank_lse.register_fake

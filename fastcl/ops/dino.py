@@ -26,15 +26,15 @@ torch.compile'd code. student and teacher share a dtype (float32, bfloat16, floa
 accumulation, fp32 loss and stats, gradient in the input dtype; float64 runs the reference).
 
 Backends, by device through PyTorch's dispatcher (``register_backends``): the op bodies run the
-references below, the default on any device and for float64; the CPU kernels csrc/dino.cpp (whose
-bindings keep the names dino_loss_fwd / _bwd) and the CUDA kernels kernels/dino.py.
+references below, the default on any device and for float64; the CPU kernels csrc/dino.cpp and the
+CUDA kernels kernels/dino.py (up to 16 student and 4 teacher crops; more run the reference).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastcl._backend import accumulation_dtype, register_backends
+from fastcl._backend import accumulation_dtype, register_backends, triton_module
 
 
 def num_pairs(s: int, t: int) -> int:
@@ -106,9 +106,13 @@ def dino_cross_entropy(
     return dino_cross_entropy_ref(student, teacher, center, student_scale, teacher_scale)
 
 
-# The C++ bindings keep their original names (dino_loss_fwd / _bwd): renaming needs a rebuild.
+def _triton_fits(student: Tensor, teacher: Tensor, *_) -> bool:
+    """The Triton kernels pad the crops to a few compiled buckets (kernels/dino.py CONFIGS)."""
+    return triton_module("dino").fits(student.shape[0], teacher.shape[0])
+
+
 register_backends(dino_cross_entropy, "dino", dino_cross_entropy_ref, "dino_cross_entropy_fwd",
-                  cpp_launch="dino_loss_fwd")
+                  triton_fits=_triton_fits)
 
 
 @dino_cross_entropy.register_fake
@@ -130,7 +134,7 @@ def dino_cross_entropy_backward(
 
 
 register_backends(dino_cross_entropy_backward, "dino", dino_cross_entropy_backward_ref,
-                  "dino_cross_entropy_bwd", cpp_launch="dino_loss_bwd")
+                  "dino_cross_entropy_bwd", triton_fits=_triton_fits)
 
 
 @dino_cross_entropy_backward.register_fake
