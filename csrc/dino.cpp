@@ -33,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"  // before cpu_kernels.h: baseline ISA
+#include "kept_output.h"
 #include "cpu_kernels.h"
 
 #include <algorithm>
@@ -397,8 +398,9 @@ Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor&
   const Tensor t_stats = fastcl::contiguous_float(teacher_stats, "teacher_stats");
   const float coef = static_cast<float>(fastcl::read_scale(grad, "grad") * double(p.ss) /
                                         (double(p.T) * (p.S - 1) * p.B));
-  Tensor dstudent = at::empty({p.S, p.B, p.K}, p.student.options());
-  fastcl::advise_huge_pages(dstudent.data_ptr(), dstudent.nbytes());
+  // A training loop drops the gradient (zero_grad) before the next backward: its storage is
+  // handed out again then instead of page-faulting a fresh (S, B, K) block every step.
+  Tensor dstudent = fastcl::kept_or_new<struct DinoGrad>({p.S, p.B, p.K}, p.student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.student.scalar_type(),
                                   "dino_loss_bwd", [&] {
     backward_impl<scalar_t>(p, s_stats.data_ptr<float>(), t_stats.data_ptr<float>(), coef,
