@@ -30,6 +30,7 @@ from fastcl import evaluate
 from fastcl.data import load_data
 from fastcl.methods import METHODS
 from fastcl.train import TrainConfig, build_method, train
+from harness import append_csv
 
 README_MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
 # (data set, method) -> settings that replace the method's defaults, where it learns the harder
@@ -53,15 +54,6 @@ def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
              for x in (data.x_train, data.x_test)]
     return (evaluate.knn_accuracy(feats[0], data.y_train, feats[1], data.y_test),
             evaluate.linear_probe_accuracy(feats[0], data.y_train, feats[1], data.y_test))
-
-
-def append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def run(data_names: list[str], methods: list[str], csv_path: Optional[Path]) -> list[dict]:

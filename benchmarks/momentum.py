@@ -1,24 +1,24 @@
 """Momentum (EMA) update benchmark: fastcl.momentum_update of a ResNet-50-sized parameter list
-(25.6 M parameters in 161 tensors) against what training code does, measured in the same process:
-MoCo's per-parameter loop (the baseline), DINO's in-place loop, torch._foreach_lerp_ and
+(25.6 M parameters in 161 tensors) against what training code does, in a training loop (fresh
+parameters, every step) and as single calls (benchmarks/harness.py): MoCo's per-parameter loop
+(the baseline) and torch.compile of it, DINO's in-place loop, torch._foreach_lerp_ and
 torch._foreach_mul_ + torch._foreach_add_; plus a plain copy of one 25.6 M tensor for the machine's
 copy bandwidth.
 
     python benchmarks/momentum.py                 # this machine's default device
-    python benchmarks/momentum.py --quick         # the first 40 tensors (0.5 M parameters), a smoke test
+    python benchmarks/momentum.py --quick --no-compile   # the first 40 tensors (0.5 M parameters)
     python benchmarks/momentum.py --csv out.csv --plot out.png
 
-Prints the table of benchmarks/contrastive.py (median ms, speed-up vs MoCo's loop, peak memory
-above the inputs), preceded by the effective bandwidth of each row: the bytes the update must move
-at least (fp32 target and online: read both, write one, 12 bytes per parameter; a bf16 online
-reads 2 instead of 4) over its time, and for the copy 8 bytes per element (read + write).
+Each row also gives the effective bandwidth of the training-loop step (gb_per_s): the bytes the
+update must move at least (fp32 target and online: read both, write one, 12 bytes per parameter;
+a bf16 online reads 2 instead of 4) over its time, and for the copy 8 bytes per element.
 """
 from __future__ import annotations
 
 import torch
 
-from contrastive import bench_main, measure_case
 from fastcl import momentum_update
+from harness import Case, bench_main
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -63,39 +63,32 @@ IMPLS = {"MoCo loop": moco_loop, "DINO loop": dino_loop, "torch._foreach_lerp_":
          "torch._foreach_mul_/add_": foreach_mul_add, "fastcl": momentum_update}
 
 
-def run(device: str, quick: bool, repeats: int, only: str = ""):
+def cases(device: str, quick: bool):
     shapes = resnet50_shapes()
     if quick:
         shapes = shapes[: len(shapes) // 4]
     params = sum(torch.Size(s).numel() for s in shapes)
     m = 0.996
-    rows = []
     for online_dtype in (torch.float32, torch.bfloat16):
-        case = (f"ResNet-50 EMA {len(shapes)} tensors {params / 1e6:.1f}M "
-                f"fp32<-{str(online_dtype).replace('torch.', '')}")
-        if only not in case:
-            continue
-        target = [torch.randn(s, device=device) for s in shapes]
-        online = [torch.randn(s, device=device).to(online_dtype) for s in shapes]
+        def inputs(online_dtype=online_dtype):
+            """The target's and the online network's parameters (no gradient: the update runs
+            under no_grad as in every method)."""
+            return [[torch.randn(s, device=device) for s in shapes],
+                    [torch.randn(s, device=device).to(online_dtype) for s in shapes]]
         impls = IMPLS if online_dtype == torch.float32 else {
             k: v for k, v in IMPLS.items() if k != "torch._foreach_lerp_"}  # needs one dtype
-        steps = {impl: (lambda fn=fn: fn(target, online, m)) for impl, fn in impls.items()}
-        bytes_moved = params * (8 + online[0].element_size())
-        for row in measure_case(case, torch.float32, steps, device, repeats, "MoCo loop"):
-            rows.append(dict(row, gb_per_s=bytes_moved / row["ms"] / 1e6))
-        del target, online, steps
-    case = f"copy_ of one {params / 1e6:.1f}M fp32 tensor"
-    if only in case:
-        src, dst = torch.randn(params, device=device), torch.empty(params, device=device)
-        for row in measure_case(case, torch.float32, {"torch copy_": lambda: dst.copy_(src)},
-                                device, repeats, "torch copy_"):
-            rows.append(dict(row, gb_per_s=8 * params / row["ms"] / 1e6))
-    print(f"{'case':48} {'impl':26} {'GB/s':>7}")
-    for row in rows:
-        print(f"{row['case']:48} {row['impl']:26} {row['gb_per_s']:7.1f}")
-    print()
-    return rows
+        yield Case(f"ResNet-50 EMA {len(shapes)} tensors {params / 1e6:.1f}M "
+                   f"fp32<-{str(online_dtype).replace('torch.', '')}", inputs,
+                   {impl: (lambda t, o, fn=fn: fn(t, o, m)) for impl, fn in impls.items()},
+                   "MoCo loop", backward=False,
+                   bytes_moved=params * (8 + torch.empty((), dtype=online_dtype).element_size()))
+
+    def copy_inputs():
+        return [torch.randn(params, device=device), torch.empty(params, device=device)]
+    yield Case(f"copy_ of one {params / 1e6:.1f}M fp32 tensor", copy_inputs,
+               {"torch copy_": lambda src, dst: dst.copy_(src)}, "torch copy_", backward=False,
+               compile=(), bytes_moved=8 * params)
 
 
 if __name__ == "__main__":
-    bench_main(__doc__.split("\n")[0], run, "fastcl momentum (EMA) update", default_repeats=10)
+    bench_main(__doc__.split("\n")[0], cases, "fastcl momentum (EMA) update", default_repeats=10)

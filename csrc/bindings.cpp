@@ -2,6 +2,8 @@
 // registers its CPU kernels from its own csrc/<family>.cpp.
 #include <torch/extension.h>
 
+#include "kept_output.h"
+
 void bind_bank(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_dino(py::module_& m);
@@ -15,4 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_dino(m);
   bind_momentum(m);
   bind_sinkhorn(m);
+  m.def("empty_cache", &fastcl::empty_kept_outputs,
+        "drops the output buffers kept for reuse (csrc/kept_output.h): the next calls allocate "
+        "afresh");
 }

@@ -551,6 +551,27 @@ Tensor gram_stats_bwd(const Tensor& u, const Tensor& labels, const Tensor& scale
   return gram.unsort(pair_backward(gram.problem, up, /*need_db=*/true).first, 0);
 }
 
+/// The checked inputs of cross_stats_fwd / cross_stats_bwd: features a (M, D), b (N, D) fp32,
+/// labels (M,), (N,) int64, the scale, and the left-out diagonal j - i == offset (if any).
+struct CrossInputs {
+  Tensor a, b, la, lb;
+  float scale;
+  std::optional<int64_t> offset;
+  bool empty() const { return a.size(0) == 0 || b.size(0) == 0; }
+  PairProblem problem() const { return make_problem(a, b, la, lb, scale, offset, false); }
+};
+
+CrossInputs cross_inputs(const Tensor& q, const Tensor& k, const Tensor& q_labels,
+                         const Tensor& k_labels, const Tensor& scale, int64_t diag_offset,
+                         bool has_diag) {
+  Tensor a = features(q, "q"), b = features(k, "k");
+  check_same_dim(a, b);
+  Tensor la = labels_of(q_labels, a.size(0), "q_labels");
+  Tensor lb = labels_of(k_labels, b.size(0), "k_labels");
+  return {a, b, la, lb, read_scale(scale),
+          has_diag ? std::optional<int64_t>(diag_offset) : std::nullopt};
+}
+
 /// q (M, D), k (N, D), labels (M,), (N,), scale () -> (stats (4, M), column stats (4, N) or
 /// (4, 0)) fp32, excluding the pairs j - i == diag_offset when has_diag.
 std::tuple<Tensor, Tensor> cross_stats_fwd(const Tensor& q, const Tensor& k,
@@ -558,22 +579,16 @@ std::tuple<Tensor, Tensor> cross_stats_fwd(const Tensor& q, const Tensor& k,
                                            const Tensor& scale, int64_t diag_offset, bool has_diag,
                                            bool with_col) {
   at::NoGradGuard no_grad;
-  const Tensor a = features(q, "q"), b = features(k, "k");
-  check_same_dim(a, b);
-  const Tensor la = labels_of(q_labels, a.size(0), "q_labels");
-  const Tensor lb = labels_of(k_labels, b.size(0), "k_labels");
-  const float sc = read_scale(scale);
-  const auto opts = a.options();
-  if (a.size(0) == 0 || b.size(0) == 0) {  // empty sums: lse = -inf, nothing positive
+  const CrossInputs in = cross_inputs(q, k, q_labels, k_labels, scale, diag_offset, has_diag);
+  const auto opts = in.a.options();
+  if (in.empty()) {  // empty sums: lse = -inf, nothing positive
     const auto empty_stats = [&](int64_t n) {
       return at::stack({at::full({n}, -kInf, opts), at::full({n}, -kInf, opts),
                         at::zeros({n}, opts), at::zeros({n}, opts)});
     };
-    return {empty_stats(a.size(0)), empty_stats(with_col ? b.size(0) : 0)};
+    return {empty_stats(in.a.size(0)), empty_stats(with_col ? in.b.size(0) : 0)};
   }
-  const auto offset = has_diag ? std::optional<int64_t>(diag_offset) : std::nullopt;
-  const auto [row, col] =
-      pair_stats_forward(make_problem(a, b, la, lb, sc, offset, false), with_col);
+  const auto [row, col] = pair_stats_forward(in.problem(), with_col);
   return {row, col};
 }
 
@@ -585,22 +600,17 @@ std::tuple<Tensor, Tensor> cross_stats_bwd(const Tensor& q, const Tensor& k,
                                            const Tensor& coef, const Tensor& col_coef,
                                            bool need_dk) {
   at::NoGradGuard no_grad;
-  const Tensor a = features(q, "q"), b = features(k, "k");
-  check_same_dim(a, b);
-  const Tensor la = labels_of(q_labels, a.size(0), "q_labels");
-  const Tensor lb = labels_of(k_labels, b.size(0), "k_labels");
-  const float sc = read_scale(scale);
-  Upstream up{coefficients(coef, a.size(0), "coef"), Tensor()};
-  if (col_coef.size(-1) > 0 || b.size(0) == 0) {
-    up.col = coefficients(col_coef, b.size(0), "col_coef");
+  const CrossInputs in = cross_inputs(q, k, q_labels, k_labels, scale, diag_offset, has_diag);
+  Upstream up{coefficients(coef, in.a.size(0), "coef"), Tensor()};
+  if (col_coef.size(-1) > 0 || in.b.size(0) == 0) {
+    up.col = coefficients(col_coef, in.b.size(0), "col_coef");
   }
-  const auto opts = a.options();
-  if (a.size(0) == 0 || b.size(0) == 0) {
-    Tensor dk = need_dk ? at::zeros(b.sizes(), opts) : at::empty({0}, opts);
-    return {at::zeros(a.sizes(), opts), dk};
+  const auto opts = in.a.options();
+  if (in.empty()) {
+    Tensor dk = need_dk ? at::zeros(in.b.sizes(), opts) : at::empty({0}, opts);
+    return {at::zeros(in.a.sizes(), opts), dk};
   }
-  const auto offset = has_diag ? std::optional<int64_t>(diag_offset) : std::nullopt;
-  const auto [dq, dk] = pair_backward(make_problem(a, b, la, lb, sc, offset, false), up, need_dk);
+  const auto [dq, dk] = pair_backward(in.problem(), up, need_dk);
   return {dq, dk};
 }
 

@@ -19,10 +19,6 @@
 
 #include <cstdint>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 namespace fastcl {
 
 /// Fails with a clear message on a CPU without the ISA the kernels were compiled for.
@@ -34,21 +30,6 @@ inline void require_avx2(const char* family) {
               "run the PyTorch reference instead with FASTCL_CPU_BACKEND=reference");
 #else
   (void)family;
-#endif
-}
-
-/// Asks for transparent huge pages for a fresh output buffer (Linux, THP in "madvise" mode).
-/// First-touch faults on 4 KiB pages of a large fresh output cost as much as the computation
-/// that fills it (measured on 2 cores: 18 ms -> 5 ms to fill 49 MB, 56 ms -> 27 ms for 168 MiB).
-inline void advise_huge_pages(void* ptr, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
 #endif
 }
 

@@ -1,8 +1,8 @@
 // CPU kernels of the DINO op family (contract in fastcl/ops/dino.py).
 //
-//   dino_loss_fwd(student, teacher, center, student_scale, teacher_scale)
+//   dino_cross_entropy_fwd(student, teacher, center, student_scale, teacher_scale)
 //       -> (loss (), student_stats (2, S, B), teacher_stats (2, T, B))
-//   dino_loss_bwd(student, teacher, center, student_scale, teacher_scale,
+//   dino_cross_entropy_bwd(student, teacher, center, student_scale, teacher_scale,
 //                 student_stats, teacher_stats, grad) -> d student (S, B, K)
 //
 // Notation: student x (S, B, K), teacher (T, B, K), center c (K,), u = teacher - c,
@@ -33,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"  // before cpu_kernels.h: baseline ISA
+#include "kept_output.h"
 #include "cpu_kernels.h"
 
 #include <algorithm>
@@ -275,14 +276,14 @@ void forward_impl(const Problem& p, std::vector<State>& states, int64_t n_ranges
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> dino_loss_fwd(const Tensor& student, const Tensor& teacher,
+std::tuple<Tensor, Tensor, Tensor> dino_cross_entropy_fwd(const Tensor& student, const Tensor& teacher,
                                                  const Tensor& center, const Tensor& student_scale,
                                                  const Tensor& teacher_scale) {
   const Problem p = make_problem(student, teacher, center, student_scale, teacher_scale);
   const int64_t n_ranges = k_splits(p);
   std::vector<State> states(p.B * n_ranges, State(p.S, p.T));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.student.scalar_type(),
-                                  "dino_loss_fwd",
+                                  "dino_cross_entropy_fwd",
                                   [&] { forward_impl<scalar_t>(p, states, n_ranges); });
 
   const auto opts = p.student.options().dtype(at::kFloat);
@@ -383,24 +384,25 @@ void backward_impl(const Problem& p, const float* s_stats, const float* t_stats,
   });
 }
 
-Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor& center,
+Tensor dino_cross_entropy_bwd(const Tensor& student, const Tensor& teacher, const Tensor& center,
                      const Tensor& student_scale, const Tensor& teacher_scale,
                      const Tensor& student_stats, const Tensor& teacher_stats, const Tensor& grad) {
   const Problem p = make_problem(student, teacher, center, student_scale, teacher_scale);
   TORCH_CHECK(student_stats.sizes() == at::IntArrayRef({2, p.S, p.B}),
-              "dino_loss_bwd: student_stats must have shape (2, S, B), got ",
+              "dino_cross_entropy_bwd: student_stats must have shape (2, S, B), got ",
               student_stats.sizes());
   TORCH_CHECK(teacher_stats.sizes() == at::IntArrayRef({2, p.T, p.B}),
-              "dino_loss_bwd: teacher_stats must have shape (2, T, B), got ",
+              "dino_cross_entropy_bwd: teacher_stats must have shape (2, T, B), got ",
               teacher_stats.sizes());
   const Tensor s_stats = fastcl::contiguous_float(student_stats, "student_stats");
   const Tensor t_stats = fastcl::contiguous_float(teacher_stats, "teacher_stats");
   const float coef = static_cast<float>(fastcl::read_scale(grad, "grad") * double(p.ss) /
                                         (double(p.T) * (p.S - 1) * p.B));
-  Tensor dstudent = at::empty({p.S, p.B, p.K}, p.student.options());
-  fastcl::advise_huge_pages(dstudent.data_ptr(), dstudent.nbytes());
+  // A training loop drops the gradient (zero_grad) before the next backward: its storage is
+  // handed out again then instead of page-faulting a fresh (S, B, K) block every step.
+  Tensor dstudent = fastcl::kept_or_new<struct DinoGrad>({p.S, p.B, p.K}, p.student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.student.scalar_type(),
-                                  "dino_loss_bwd", [&] {
+                                  "dino_cross_entropy_bwd", [&] {
     backward_impl<scalar_t>(p, s_stats.data_ptr<float>(), t_stats.data_ptr<float>(), coef,
                             dstudent.data_ptr<scalar_t>());
   });
@@ -412,12 +414,12 @@ Tensor dino_loss_bwd(const Tensor& student, const Tensor& teacher, const Tensor&
 FASTCL_END_AVX2_KERNELS
 
 void bind_dino(pybind11::module_& m) {
-  m.def("dino_loss_fwd", &dino_loss_fwd,
+  m.def("dino_cross_entropy_fwd", &dino_cross_entropy_fwd,
         "student (S, B, K), teacher (T, B, K), center (K,), student_scale (), teacher_scale () -> "
         "(loss (), student_stats (2, S, B), teacher_stats (2, T, B))",
         pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("center"),
         pybind11::arg("student_scale"), pybind11::arg("teacher_scale"));
-  m.def("dino_loss_bwd", &dino_loss_bwd,
+  m.def("dino_cross_entropy_bwd", &dino_cross_entropy_bwd,
         "... student_stats (2, S, B), teacher_stats (2, T, B), grad () -> d student (S, B, K)",
         pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("center"),
         pybind11::arg("student_scale"), pybind11::arg("teacher_scale"),

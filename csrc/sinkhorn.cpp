@@ -45,7 +45,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -53,6 +52,7 @@
 // exp_u20, its polynomial exp (about twice as fast as Sleef's, a few 1e-7 relative error, 0
 // below FLT_MIN where terms are negligible).
 #include "checks.h"  // before cpu_kernels.h: baseline ISA
+#include "kept_output.h"
 #include "cpu_kernels.h"
 
 namespace {
@@ -339,22 +339,11 @@ Tensor combine_chunks(const std::vector<float>& chunk_sum, int64_t chunks, int64
 
 /// A (B, K) float32 output. SwAV computes codes every step and drops them before the next, and
 /// first-touch page faults on a fresh 49 MB buffer cost as much as the passes that fill it (and
-/// vary several-fold between runs), so the storage of the last codes is kept and handed out again
-/// once nothing else refers to it (as a GPU caching allocator would); a new one, backed by huge
-/// pages where the OS allows, is allocated otherwise. One buffer at most is kept.
+/// vary several-fold between runs): the storage of the last codes is handed out again once nothing
+/// else refers to it (fastcl::kept_or_new).
 Tensor new_codes(const Tensor& scores) {
-  static std::mutex mutex;
-  static c10::Storage kept;
-  const int64_t bytes = scores.numel() * static_cast<int64_t>(sizeof(float));
-  const auto options = scores.options().dtype(at::kFloat);
-  std::lock_guard<std::mutex> lock(mutex);
-  if (kept && kept.use_count() == 1 && static_cast<int64_t>(kept.nbytes()) == bytes) {
-    return at::empty({0}, options).set_(kept, 0, scores.sizes(), {scores.size(1), 1});
-  }
-  Tensor codes = at::empty(scores.sizes(), options);
-  fastcl::advise_huge_pages(codes.data_ptr(), codes.nbytes());
-  kept = codes.storage();
-  return codes;
+  return fastcl::kept_or_new<struct SinkhornCodes>(scores.sizes(),
+                                                   scores.options().dtype(at::kFloat));
 }
 
 /// One pass of softmax_rows over scores: the column sums of P when with_col_sum, P when

@@ -1,12 +1,17 @@
-"""benchmarks/methods.py: the methods table it renders from its CSV into the README."""
+"""benchmarks/: the harness (memory counting, the training-loop and call patterns, per-round
+speed-ups), every family script's smoke mode, and the methods table methods.py renders from its CSV
+into the README."""
 import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "methods.py"
+FAMILIES = ["contrastive", "dino", "sinkhorn", "momentum", "bank"]
 FIELDS = ["data", "method", "backbone", "epochs", "batch_size", "knn_top1", "linear_top1",
           "random_knn_top1", "random_linear_top1", "images_per_s", "wall_s", "threads", "torch",
           "machine"]
@@ -52,13 +57,13 @@ def test_render_without_markers_is_an_error(tmp_path):
     assert readme.read_text() == "no table here\n"
 
 
-def _load_script():
-    import importlib.util
+def _load_script(name="methods"):
+    """The module benchmarks/<name>.py (the scripts import the harness beside them)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("methods_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def test_rows_are_appended_under_one_header(tmp_path):
@@ -88,3 +93,90 @@ def test_harder_set_runs_take_their_overrides(monkeypatch):
     assert module.OVERRIDES[("digits-shift", "mocov2")] == dict(epochs=60, queue_size=128)
     assert trained == [("digits", 30, 1024), ("digits-shift", 60, 128)]
     assert [r["epochs"] for r in rows] == [30, 60]
+
+
+# --- the harness -------------------------------------------------------------------------------
+def test_peak_allocated_counts_what_the_allocator_hands_out():
+    """CPU memory is the allocator's count of the step's own allocations still alive: a tensor
+    allocated before the step counts neither while held nor when freed in it, temporaries count
+    while alive, whatever the resident set size does."""
+    harness = _load_script("harness")
+    held = torch.empty(2**20)
+
+    def step():
+        nonlocal held
+        held = None  # frees 4 MiB first
+        torch.empty(2**20).fill_(1.0)  # a 4 MiB temporary
+        return torch.empty(2 * 2**20)  # 8 MiB allocated and dropped
+
+    assert harness.peak_allocated(step, "cpu") == 8 * 2**20
+    assert 3 * 2**20 <= harness.peak_allocated(lambda: torch.ones(3, 2**18).sum(), "cpu") \
+        <= 3 * 2**20 + 64  # and the 0-dim sum
+
+
+def test_training_loop_pattern_and_rows():
+    """The training-loop pattern: a fresh state per implementation whose grad-requiring inputs are
+    nn.Parameters held by an optimizer, zero_grad(set_to_none=True) before every step (so the
+    gradient is one step's, not a sum), the first step reported apart; each row carries both
+    patterns and per-round speed-ups against the baseline."""
+    harness = _load_script("harness")
+    seen = []
+
+    def make_inputs():
+        return [torch.randn(64, 8, requires_grad=True), torch.randn(64, 8)]
+
+    def loss(x, target):
+        seen.append(x)
+        return ((x - target) ** 2).sum()
+
+    inputs, opt = harness.train_state(make_inputs)
+    assert isinstance(inputs[0], torch.nn.Parameter) and not isinstance(inputs[1], torch.nn.Parameter)
+    assert opt.param_groups[0]["params"] == [inputs[0]]
+    step = harness.train_step(loss, inputs, opt, backward=True)
+    step(), step()
+    assert torch.allclose(inputs[0].grad, 2 * (inputs[0] - inputs[1]))  # not accumulated
+
+    seen.clear()
+    case = harness.Case("toy", make_inputs, {"a": loss, "b": lambda x, t: loss(x, t) * 2}, "a")
+    rows = harness.measure_case(case, "cpu", repeats=3, compile=False)
+    states = {id(x) for x in seen}  # train: one fresh state each (x2 for memory), call: one shared
+    assert len(states) == 5 and all(isinstance(x, torch.nn.Parameter) for x in seen[:4 * 2])
+    assert [r["impl"] for r in rows] == ["a", "b"]
+    for r in rows:
+        for key in ("train_cold_ms", "train_ms", "call_ms"):
+            assert r[key] > 0
+        assert r["train_mib"] >= 0 and r["call_mib"] >= 0
+        assert r["train_speedup_min"] <= r["train_speedup"] <= r["train_speedup_max"]
+    assert rows[0]["train_speedup"] == rows[0]["call_speedup"] == 1.0
+
+
+def test_compiled_baseline_and_repeated_calls_are_implementations():
+    harness = _load_script("harness")
+    calls = []
+    case = harness.Case("toy", lambda: [], {"fast": lambda: calls.append("f"),
+                                            "naive": lambda: calls.append("n")}, "naive",
+                        backward=False, calls=3)
+    impls = harness.implementations(case, compile=True)
+    assert list(impls) == ["fast", "naive", "naive + torch.compile"]
+    impls["fast"]()
+    assert calls == ["f"] * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_smoke(family, tmp_path):
+    """Each family's script runs its tiny cases (--quick) end to end and writes its CSV and plot:
+    both patterns, memory and the baseline's speed-up of 1 in every case."""
+    module = _load_script(family)
+    out = tmp_path / f"{family}.csv"
+    rows = module.bench_main(family, module.cases, family, argv=[
+        "--quick", "--no-compile", "--repeats", "1", "--csv", str(out), "--plot",
+        str(tmp_path / f"{family}.png")])
+    assert rows and (tmp_path / f"{family}.png").stat().st_size > 0
+    with open(out, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and written[0]["commit"] and written[0]["device"]
+    for r in rows:
+        assert r["train_ms"] > 0 and r["call_ms"] > 0 and r["train_cold_ms"] > 0
+        assert r["train_mib"] >= 0
+    baselines = [r for r in rows if r["train_speedup"] == 1.0]
+    assert {r["case"] for r in baselines} == {r["case"] for r in rows}

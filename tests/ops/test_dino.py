@@ -149,6 +149,35 @@ def test_triton_blocks_and_splits(block_k, split):
     assert max_error(dstudent, dstudent64) < 1e-5
 
 
+def test_cpp_gradient_buffer_is_reused_only_when_free():
+    """The C++ backward hands the last gradient's memory out again only once nothing refers to it
+    (a training loop's zero_grad(set_to_none=True)): a gradient still held, or a view of it, is
+    never overwritten by a later backward."""
+    from fastcl.ops import cpu_backend
+
+    inputs = [(s, t, c.float()) for s, t, c in
+              (dino_inputs(4, 2, 3, 500, dtype=torch.float32) for _ in range(3))]
+    truth = [loss_and_grad(formulas.dino_loss, *(x.double() for x in xs), 1.0, "cpu", (0.1, 0.04))[1]
+             for xs in inputs]
+    with cpu_backend("cpp"):
+        grads = [loss_and_grad(dino_loss, *xs, 1.0, "cpu", (0.1, 0.04))[1] for xs in inputs[:2]]
+        view = loss_and_grad(dino_loss, *inputs[2], 1.0, "cpu", (0.1, 0.04))[1][1:]
+        assert len({g.data_ptr() for g in grads} | {view.data_ptr()}) == 3
+        for grad, expected in zip(grads, truth):
+            assert max_error(grad, expected) <= GRAD_TOL[torch.float32], "held gradient"
+        assert max_error(view, truth[2][1:]) <= GRAD_TOL[torch.float32], "held view"
+        address = view.data_ptr() - view.storage_offset() * view.element_size()
+        del view
+        other = torch.empty(4, 3, 500)  # malloc would hand it the freed block; the op keeps it
+        student = torch.nn.Parameter(inputs[0][0].clone())
+        optimizer = torch.optim.SGD([student], lr=0.0)
+        for _ in range(2):  # a training loop: the gradient storage goes round
+            optimizer.zero_grad(set_to_none=True)
+            dino_loss(student, *inputs[0][1:]).backward()
+            assert student.grad.data_ptr() == address != other.data_ptr()
+            assert max_error(student.grad, truth[0]) <= GRAD_TOL[torch.float32], "reused buffer"
+
+
 # --- op registration ---------------------------------------------------------------------------
 def test_backward_formula_matches_autograd():
     """The closed-form backward of the reference vs autograd through the official formula."""
