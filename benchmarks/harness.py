@@ -331,7 +331,9 @@ def run_cases(cases: Iterable[Case], device: str, repeats: int, only: str = "",
 
 # --- output ------------------------------------------------------------------------------------
 def environment(device: str) -> dict:
-    """Where and when: device, threads, versions, commit (+ if the tree had changes), date."""
+    """Where and when: device, threads, OpenMP's wait policy (on a shared machine, threads that
+    spin at a barrier wait for a descheduled peer), versions, commit (+: tracked files besides
+    the results differ from it), date."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True,
@@ -340,10 +342,12 @@ def environment(device: str) -> dict:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+"
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                      ":!/benchmarks/results"):
+        commit += "+"  # changes besides the results
     name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     return {"device": f"{device}: {name}", "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "torch": torch.__version__, "fastcl": fastcl.__version__, "commit": commit,
             "date": datetime.date.today().isoformat()}
 
@@ -356,10 +360,10 @@ def _cpu_name() -> str:
 
 
 def _ratio(row, key) -> str:
-    value = row[key]
+    value = float(row[key])
     if value != value:  # NaN: no baseline
         return ""
-    return f"{value:.2f}x ({row[key + '_min']:.2f}-{row[key + '_max']:.2f})"
+    return f"{value:.2f}x ({float(row[key + '_min']):.2f}-{float(row[key + '_max']):.2f})"
 
 
 def print_table(rows, header: bool = True) -> None:
@@ -375,13 +379,16 @@ def print_table(rows, header: bool = True) -> None:
 
 
 def markdown_table(rows) -> str:
+    """The rows (as measured, or as read back from a CSV) as a Markdown table."""
     lines = ["| case | implementation | train: cold ms | ms | speed-up (range) | MiB | "
-             "call: ms | speed-up (range) | MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "call: ms | speed-up (range) | MiB | load |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['impl']} | {r['train_cold_ms']:.1f} | "
-                     f"{r['train_ms']:.1f} | {_ratio(r, 'train_speedup')} | {r['train_mib']:.1f} | "
-                     f"{r['call_ms']:.1f} | {_ratio(r, 'call_speedup')} | {r['call_mib']:.1f} |")
+        ms = {k: f"{float(r[k]):.1f}" for k in ("train_cold_ms", "train_ms", "train_mib",
+                                               "call_ms", "call_mib")}
+        lines.append(f"| {r['case']} | {r['impl']} | {ms['train_cold_ms']} | {ms['train_ms']} | "
+                     f"{_ratio(r, 'train_speedup')} | {ms['train_mib']} | {ms['call_ms']} | "
+                     f"{_ratio(r, 'call_speedup')} | {ms['call_mib']} | {r['load_1min']} |")
     return "\n".join(lines)
 
 
