@@ -138,6 +138,16 @@ def _sampled_logits(f, bank_ptr, idx_ptr, j, K1, D, scale,
 
 
 @triton.jit
+def _anchor(f_ptr, scale_ptr, shift_ptr, D, stride_fb, stride_fd, BLOCK_D: tl.constexpr):
+    """This program's anchor b: its features f (BLOCK_D,) in fp32 (0 past D), the scale and the
+    NCE shift."""
+    b = tl.program_id(0).to(tl.int64)
+    feats = tl.arange(0, BLOCK_D)
+    f = tl.load(f_ptr + b * stride_fb + feats * stride_fd, mask=feats < D, other=0.0)
+    return b, f.to(tl.float32), tl.load(scale_ptr), tl.load(shift_ptr)
+
+
+@triton.jit
 def _sampled_lse_fwd_kernel(
     f_ptr,  # (B, D)
     bank_ptr,  # (N, D), contiguous
@@ -151,12 +161,7 @@ def _sampled_lse_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    feats = tl.arange(0, BLOCK_D)
-    f = tl.load(f_ptr + b * stride_fb + feats * stride_fd, mask=feats < D, other=0.0)
-    f = f.to(tl.float32)
-    scale = tl.load(scale_ptr)
-    shift = tl.load(shift_ptr)
+    b, f, scale, shift = _anchor(f_ptr, scale_ptr, shift_ptr, D, stride_fb, stride_fd, BLOCK_D)
     m = tl.full([BLOCK_K], float("-inf"), tl.float32)  # per-lane online (max, sum)
     l = tl.zeros([BLOCK_K], tl.float32)
     nce = tl.zeros([BLOCK_K], tl.float32)
@@ -193,12 +198,7 @@ def _sampled_lse_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    feats = tl.arange(0, BLOCK_D)
-    f = tl.load(f_ptr + b * stride_fb + feats * stride_fd, mask=feats < D, other=0.0)
-    f = f.to(tl.float32)
-    scale = tl.load(scale_ptr)
-    shift = tl.load(shift_ptr)
+    b, f, scale, shift = _anchor(f_ptr, scale_ptr, shift_ptr, D, stride_fb, stride_fd, BLOCK_D)
     lse = tl.load(lse_ptr + b)
     g_pos = tl.load(g_pos_ptr + b)
     g_lse = tl.load(g_lse_ptr + b)
@@ -211,6 +211,7 @@ def _sampled_lse_bwd_kernel(
         w = g_lse * tl.exp(s - lse) + g_nce / (1.0 + tl.exp(shift - s))
         w += tl.where(j + tl.arange(0, BLOCK_K) == 0, g_pos, 0.0)
         acc += tl.sum(w[:, None] * rows, 0)
+    feats = tl.arange(0, BLOCK_D)
     tl.store(df_ptr + b * D + feats, acc * scale, mask=feats < D)
 
 
