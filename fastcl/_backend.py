@@ -102,8 +102,8 @@ def register_backends(op, family: str, reference: Callable, launch: Launch, *,
 
     reference(*args): the op's reference, called with the op's arguments. Both kernels run it for
         float64 inputs (op's first argument; ops over lists of tensors choose per tensor in their
-        launch), arguments the Triton kernels do not take (triton_fits), and on CPU without a built extension
-        (one warning) or under cpu_backend("reference").
+        launch), arguments the Triton kernels do not take (triton_fits), and on CPU without a
+        built extension (one warning) or under cpu_backend("reference").
     launch: launch(kernels, *args) running the op on `kernels`, the module ``fastcl._C`` or
         ``fastcl.kernels.<family>`` (whose launchers share names and contracts), or the name of
         the launcher to call with the op's arguments.

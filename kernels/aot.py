@@ -20,9 +20,9 @@ Per compiled kernel it records what the driver would report after loading it (Tr
                                  [--markdown PATH]
 
 Run it without TRITON_INTERPRET (the interpreter replaces the kernels by Python functions): as a
-script it clears the variable before triton is imported. tests/test_gpu_compile.py runs it in a
-subprocess; docs/kernels.md holds its table (``--markdown``). Works with Triton 3.3 to 3.9 (the
-``ASTSource`` signature is {name: type}, constexprs keyed by argument index tuples).
+script it clears the variable before triton is imported. tests/kernels/test_gpu_compile.py runs it
+in a subprocess; docs/kernels.md holds its table (``--markdown``). Works with Triton 3.3 to 3.9
+(the ``ASTSource`` signature is {name: type}, constexprs keyed by argument index tuples).
 """
 from __future__ import annotations
 
@@ -233,7 +233,8 @@ def _sweep_dino(k):
             student, teacher = torch.randn(s, 16, 256).to(dtype), torch.randn(t, 16, 256).to(dtype)
             center = torch.zeros(256)
             _, ss, ts = k.dino_cross_entropy_fwd(student, teacher, center, scale, scale)
-            k.dino_cross_entropy_bwd(student, teacher, center, scale, scale, ss, ts, torch.tensor(1.0))
+            k.dino_cross_entropy_bwd(student, teacher, center, scale, scale, ss, ts,
+                                     torch.tensor(1.0))
 
 
 def _sweep_momentum(k):

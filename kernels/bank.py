@@ -1,4 +1,4 @@
-"""Triton kernels of the queue / memory-bank op family (CUDA; tested on CPU under TRITON_INTERPRET=1).
+"""Triton kernels of the queue / memory-bank op family (CUDA; tested on CPU under the interpreter).
 Contracts in fastcl/ops/bank.py.
 
 * ``ring_enqueue``: ``_ring_enqueue_kernel`` copies keys (B, D), cast to the queue's dtype, into
@@ -29,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
-# compiles every entry for sm_80 and sm_90): the bank's / queue's dtypes (the (B, D) features are
-# converted to float32 first, a negligible copy: the kernels compute in float32 anyway), and the
-# padded row widths BLOCK_D of the update and sampled kernels (D padded to the first bucket >= D).
+# What the launchers choose from, read by them and by fastcl.kernels.aot
+# (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the bank's /
+# queue's dtypes (the (B, D) features are converted to float32 first, a negligible copy: the
+# kernels compute in float32 anyway), and the padded row widths BLOCK_D of the update and sampled
+# kernels (D padded to the first bucket >= D).
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
                dims=(64, 128, 256, 512, 1024))
 _RING_BLOCK_D = 128  # the ring copy loops over D in blocks of this width

@@ -61,10 +61,10 @@ LN2 = 0.6931471805599453
 # Programs to aim for when the rows are few and the columns are split: a few per SM on current
 # GPUs, with no device query.
 _TARGET_PROGRAMS = 512
-# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
-# compiles every entry for sm_80 and sm_90): input dtypes, and the padded row widths BLOCK_D (a
-# row of D features is padded to the first bucket >= D; 64 at least: below it the exponentials,
-# not the dot products, set the time).
+# What the launchers choose from, read by them and by fastcl.kernels.aot
+# (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): input dtypes, and
+# the padded row widths BLOCK_D (a row of D features is padded to the first bucket >= D; 64 at
+# least: below it the exponentials, not the dot products, set the time).
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
                dims=(64, 128, 256, 512, MAX_DIM))
 # (BLOCK_M = BLOCK_N, num_warps, num_stages) per operand kind and BLOCK_D. "ieee" / "tf32": fp32

@@ -36,10 +36,10 @@ import triton.language as tl
 _PAIR_ELEMS = 4096
 # Programs to aim for when splitting K: a few per SM on current GPUs, with no device query.
 _TARGET_PROGRAMS = 512
-# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
-# compiles every entry for sm_80 and sm_90): the logits' dtypes and the padded crop counts
-# (S_P2, T_P2): S student crops are padded to the first S bucket >= S, T teacher crops likewise
-# (T <= S; DINO, iBOT and DINOv2 use T = 2 and S = 2 + 6 to 2 + 10).
+# What the launchers choose from, read by them and by fastcl.kernels.aot
+# (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the logits' dtypes
+# and the padded crop counts (S_P2, T_P2): S student crops are padded to the first S bucket >= S, T
+# teacher crops likewise (T <= S; DINO, iBOT and DINOv2 use T = 2 and S = 2 + 6 to 2 + 10).
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
                student_crops=(4, 8, 16), teacher_crops=(2, 4))
 

@@ -69,8 +69,9 @@ def _momentum_update_kernel(
                  mask=mask)
 
 
-# What the launcher chooses from, read by it and by fastcl.kernels.aot (tests/test_gpu_compile.py
-# compiles every entry for sm_80 and sm_90): target and online dtypes (any pair), and ALIGNED.
+# What the launcher chooses from, read by it and by fastcl.kernels.aot
+# (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): target and online
+# dtypes (any pair), and ALIGNED.
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 
 

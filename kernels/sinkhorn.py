@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-# What the launchers choose from, read by them and by fastcl.kernels.aot (tests/test_gpu_compile.py
-# compiles every entry for sm_80 and sm_90): the scores' dtypes; block sizes are fixed.
+# What the launchers choose from, read by them and by fastcl.kernels.aot
+# (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the scores' dtypes;
+# block sizes are fixed.
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 
 
