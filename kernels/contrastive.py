@@ -55,12 +55,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.kernels.tiling import TARGET_PROGRAMS, whole_block_splits
+
 MAX_DIM = 1024
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# Programs to aim for when the rows are few and the columns are split: a few per SM on current
-# GPUs, with no device query.
-_TARGET_PROGRAMS = 512
 # What the launchers choose from, read by them and by fastcl.kernels.aot
 # (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): input dtypes, and
 # the padded row widths BLOCK_D (a row of D features is padded to the first bucket >= D; 64 at
@@ -316,9 +315,8 @@ def _splits(row_blocks: int, n: int, block_n: int) -> tuple[int, int]:
     """(number of column splits, columns per split): enough programs to fill a GPU when the rows
     are few (a 256-row batch against a 65536-row queue), each split a whole number of blocks of
     at least 4, none empty."""
-    split = max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(_TARGET_PROGRAMS, row_blocks)))
-    per_split = triton.cdiv(triton.cdiv(max(n, 1), split), block_n) * block_n
-    return triton.cdiv(max(n, 1), per_split), per_split
+    split = max(1, min(triton.cdiv(n, 4 * block_n), triton.cdiv(TARGET_PROGRAMS, row_blocks)))
+    return whole_block_splits(n, block_n, split)
 
 
 def _row_fwd(a, b, labels, scale, offset, has_diag, block_m, block_n, with_mean=False):

@@ -30,12 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.kernels.tiling import TARGET_PROGRAMS, whole_block_splits
+
 # Elements of the (T_P2, S_P2, BLOCK_K) pair product per block: bounds the registers a program
 # uses. At S = 10, T = 2 (BLOCK_K = 128, 8 warps) the forward compiles to 80 registers for sm_90,
 # no spills; twice that would allow one program per SM. Not yet tuned on a GPU.
 _PAIR_ELEMS = 4096
-# Programs to aim for when splitting K: a few per SM on current GPUs, with no device query.
-_TARGET_PROGRAMS = 512
 # What the launchers choose from, read by them and by fastcl.kernels.aot
 # (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the logits' dtypes
 # and the padded crop counts (S_P2, T_P2): S student crops are padded to the first S bucket >= S, T
@@ -245,11 +245,9 @@ def _config(s: int, t: int, b: int, k: int, block_k, split) -> dict:
     if block_k is None:
         block_k = max(16, min(1024, _PAIR_ELEMS // (s_p2 * t_p2)))
     if split is None:
-        split = max(1, min(triton.cdiv(k, 4 * block_k), triton.cdiv(_TARGET_PROGRAMS, b)))
-    # Whole blocks per split, and no empty split (every state must see at least one column).
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    return dict(S_P2=s_p2, T_P2=t_p2, BLOCK_K=block_k, k_per_split=k_per_split,
-                split=triton.cdiv(k, k_per_split))
+        split = max(1, min(triton.cdiv(k, 4 * block_k), triton.cdiv(TARGET_PROGRAMS, b)))
+    split, k_per_split = whole_block_splits(k, block_k, split)
+    return dict(S_P2=s_p2, T_P2=t_p2, BLOCK_K=block_k, k_per_split=k_per_split, split=split)
 
 
 def dino_cross_entropy_fwd(student, teacher, center, student_scale, teacher_scale, *, block_k=None,

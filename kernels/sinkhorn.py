@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.kernels.tiling import whole_block_splits
+
 # What the launchers choose from, read by them and by fastcl.kernels.aot
 # (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the scores' dtypes;
 # block sizes are fixed.
@@ -153,8 +155,7 @@ def sinkhorn_init_fwd(scores, inv_eps, *, block_b=32, block_k=128, max_programs=
     b, k = scores.shape
     col_blocks = triton.cdiv(k, block_k)
     splits = max(1, min(triton.cdiv(b, block_b), max_programs // col_blocks))
-    rows_per_split = triton.cdiv(triton.cdiv(b, splits), block_b) * block_b
-    splits = triton.cdiv(b, rows_per_split)  # every split gets at least one row
+    splits, rows_per_split = whole_block_splits(b, block_b, splits)
     part_max = torch.empty(splits, k, dtype=torch.float32, device=scores.device)
     part_sum = torch.empty_like(part_max)
     _sinkhorn_init_fwd_kernel[(splits, col_blocks)](
