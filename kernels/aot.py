@@ -118,13 +118,16 @@ def _jit_function(kernel):
 def _launches_of(family: str, kernel_name: str, kernel, args, kwargs) -> list[Launch]:
     """The compiled variants of one recorded call: one per autotune config."""
     fn = _jit_function(kernel)
+    names = [p.name for p in fn.params]
     configs = getattr(kernel, "configs", None) or [None]
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:  # the candidates autotune would time for this launch
+        configs = prune(configs, dict(zip(names, args)), **kwargs)
     out = []
     for config in configs:
         call = dict(kwargs)
         if config is not None:
             call.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        names = [p.name for p in fn.params]
         values = dict(zip(names, args))
         values.update({k: v for k, v in call.items() if k in names})
         options = {k: v for k, v in call.items() if k not in names}
@@ -150,6 +153,11 @@ class _Recorder:
 
     def __init__(self, family, name, kernel, sink):
         self.family, self.name, self.kernel, self.sink = family, name, kernel, sink
+
+    @property
+    def fn(self):
+        """The kernel under its autotune wrapper, launched with explicit tiles."""
+        return _Recorder(self.family, self.name, _jit_function(self.kernel), self.sink)
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
@@ -196,7 +204,8 @@ def _sweep_contrastive(k):
         for d in k.CONFIGS["dims"]:
             a, b = _rows(32, d, dtype), _rows(48, d, dtype)
             la, lb = torch.arange(32), torch.arange(48)
-            k.gram_stats_fwd(a, la, scale)
+            for symmetric in (False, True):
+                k.gram_stats_fwd(a, la, scale, symmetric=symmetric)
             k.gram_stats_bwd(a, la, scale, torch.rand(5, 32))
             k.bank_lse_fwd(a, b, scale)
             for has_diag in (False, True):

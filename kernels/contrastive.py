@@ -13,6 +13,17 @@ statistics are kept apart).
   stats are the same kernel with a and b swapped (offset negated). Without labels (WITH_POS off)
   every kept pair is a negative, and WITH_MEAN also accumulates sum_j softmax(s_i)_j b_j, all
   that the backward of bank negatives needs (``bank_lse_fwd``).
+* ``_gram_unshifted_kernel``: the Gram forward (NT-Xent, SupCon: a = b = u) over the tiles
+  J >= I only. With R = |scale| max_i |u_i|^2 bounding every |s_ij| (Cauchy-Schwarz), when
+  R <= 40 (unit rows at temperature >= 0.025) every exp(s_ij) and every sum of them is a normal
+  fp32 number, so no running max is needed: one exp2 per pair serves row i (the tile's row sums)
+  and row j (its column sums, s_ij = s_ji), half the forward's dot products and exponentials.
+  The column sums go to other programs' rows through float atomics on (4, M) scalars (BLOCK_N
+  per tile, none D-wide). R is computed on the device and both this kernel and the general one
+  are launched, each doing nothing unless the device flag selects it: no host sync. A single
+  positive's lse is still its logit exactly (taken from the logit sum). Under
+  torch.use_deterministic_algorithms, or below TARGET_PROGRAMS / 4 = 128 row blocks (about one
+  per SM; fewer rows run the general kernel with split columns), the general kernel alone runs.
 * ``_stats_bwd_kernel``: row-stationary too: da_I = scale sum_J W_IJ b_J for the BLOCK_M rows a
   program owns, recomputing each tile of logits from the inputs and the coefficients
   coef (5, .) = [g, lse, lse_pos, 1 / count, r] of the rows (HAS_ROW) and of the columns
@@ -31,9 +42,18 @@ s2). bf16 / fp16 operands go into tl.dot as they are, with fp32 accumulation and
 fp32 operands as exact fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set, then
 as tf32 (up to D = 512). Rows of D features live on chip (BLOCK_D = the first of
 ``CONFIGS["dims"]`` >= D), so D <= MAX_DIM; wider inputs raise ValueError and the caller falls
-back. Tiles, warps and stages come from ``TILES``, keyed on (operand kind, D bucket): one
-configuration per key, not yet tuned on a GPU (``triton.autotune`` over a few per key is the next
-step once a GPU can time them). Nothing here queries the GPU at import.
+back. Tiles, warps and stages: ``triton.autotune`` over the few candidates ``TILES`` lists per
+(operand kind, D bucket), timed once per process and key on the first launch; the interpreter
+and tests that force tiles run the first candidate. Nothing here queries the GPU at import.
+
+Program order and L2: every kernel is stationary on a block of rows and streams the other side's
+blocks in the same order, programs numbered along the rows. The programs resident at once (a few
+per SM) therefore read the same column block at about the same time: each block comes from HBM
+once per wave and from L2 for the others, which is what the grouped ("super-grouped") order of
+a GEMM's 2-D tile grid buys, without a 2-D grid. At 2N = 65536, D = 128 bf16 the whole streamed
+side is 16.8 MB, inside an H100's 50 MB / H200's 60 MB L2; at D = 1024 (134 MB) the shared
+streaming order is what keeps HBM traffic near one read per wave. In the half-tile Gram kernel
+program I streams blocks I.. M: the longest programs start first.
 
 Work per op (M, N rows, D features; an H200 does ~790 TFLOP/s bf16 dense, ~4 T exp/s, 4.3 TB/s):
   forward, one direction      2 M N D FLOP, M N exp2; reads (M + N) D elements from HBM (the
@@ -45,12 +65,14 @@ Work per op (M, N rows, D features; an H200 does ~790 TFLOP/s bf16 dense, ~4 T e
 At 2N = 65536, D = 128, bf16 the NT-Xent forward is 1.10 TFLOP = 1.4 ms of matmul against 4.3 G
 exp2 = 1.1 ms: the floor is ~1.4 ms if the two overlap (~2.5 ms if not); forward + backward
 3.3 TFLOP, 13 G exp2: 4.2 ms / 3.2 ms. Bytes are negligible (65536 x 128 x 2 B = 16.8 MB in,
-read in ~4 us). The symmetric Gram forward (tiles J >= I only, row and column sums of one tile
-with a fixed shift of 1/T when inputs are normalized) would halve the forward's work; it is not
-done yet. Few rows against many columns (MoCo: M = 256 queries, a 65536-row queue: 4 row blocks)
-would leave the GPU idle, so the forward splits the columns too (grid (row blocks, splits), about
-512 programs) and merges the splits' (lse, mean) or stats in torch, O(splits x M (x D)).
+read in ~4 us). The half-tile Gram forward halves the forward (0.55 TFLOP, 2.1 G exp2: ~0.7 ms)
+where it applies. Few rows against many columns (MoCo: M = 256 queries, a 65536-row queue: 4 row
+blocks) would leave the GPU idle, so the forward splits the columns too (grid (row blocks,
+splits), about 512 programs) and merges the splits' (lse, mean) or stats in torch,
+O(splits x M (x D)).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,20 +88,25 @@ LN2 = 0.6931471805599453
 # least: below it the exponentials, not the dot products, set the time).
 CONFIGS = dict(dtypes=(torch.float32, torch.bfloat16, torch.float16),
                dims=(64, 128, 256, 512, MAX_DIM))
-# (BLOCK_M = BLOCK_N, num_warps, num_stages) per operand kind and BLOCK_D. "ieee" / "tf32": fp32
-# operands (exact fp32 dots run on FMA units, operands in registers); "16": bf16 / fp16 operands
-# on tensor cores, for the forward statistics; "16acc": the kernels that also carry a
-# (BLOCK_M, BLOCK_D) fp32 accumulator (backward, bank mean). With BLOCK_D = 256, "16" takes 8
-# warps: with 4, the positives' statistics spill. Not yet tuned on a GPU.
-_FP32_TILES = {64: (32, 8, 3), 128: (16, 8, 3), 256: (16, 8, 2), 512: (16, 8, 2), 1024: (16, 8, 2)}
+# Candidate tiles (BLOCK_M = BLOCK_N, num_warps, num_stages) per operand kind and BLOCK_D, the
+# first the default; on a GPU ``triton.autotune`` times them once per (kernel flags, BLOCK_D,
+# precision, dtypes) and keeps the fastest. "ieee" / "tf32": fp32 operands (exact fp32 dots run on
+# FMA units, operands in registers); "16": bf16 / fp16 operands on tensor cores, for the forward
+# statistics; "16acc": the kernels that also carry a (BLOCK_M, BLOCK_D) fp32 accumulator
+# (backward, bank mean). With BLOCK_D = 256, "16" takes 8 warps: with 4, the positives'
+# statistics spill. Every candidate compiles without spills for sm_80 and sm_90 (docs/kernels.md).
+_FP32_TILES = {64: [(32, 8, 3), (64, 8, 2)], 128: [(16, 8, 3), (32, 8, 2)],
+               256: [(16, 8, 2), (32, 8, 2)], 512: [(16, 8, 2)], 1024: [(16, 8, 2)]}
 TILES = {
     "ieee": _FP32_TILES,
     # tf32 dots stage their fp32 operands in shared memory: at BLOCK_D = 1024 they take 192 KiB
     # whatever the stages, over an A100's 163 KiB, so rows that wide stay exact fp32.
-    "tf32": {d: tile for d, tile in _FP32_TILES.items() if d <= 512},
-    "16": {64: (64, 4, 3), 128: (64, 4, 3), 256: (64, 8, 2), 512: (32, 8, 2), 1024: (32, 8, 2)},
-    "16acc": {64: (64, 8, 3), 128: (64, 8, 3), 256: (32, 8, 2), 512: (16, 8, 2),
-              1024: (16, 8, 2)},
+    "tf32": {d: tiles for d, tiles in _FP32_TILES.items() if d <= 512},
+    "16": {64: [(64, 4, 3), (128, 8, 3), (64, 4, 4)], 128: [(64, 4, 3), (128, 8, 3), (64, 8, 4)],
+           256: [(64, 8, 2), (128, 8, 2), (64, 8, 3)], 512: [(32, 8, 2), (64, 8, 2)],
+           1024: [(32, 8, 2)]},
+    "16acc": {64: [(64, 8, 3), (128, 8, 3)], 128: [(64, 8, 3), (128, 8, 2)],
+              256: [(32, 8, 2), (64, 8, 2)], 512: [(16, 8, 2), (32, 8, 2)], 1024: [(16, 8, 2)]},
 }
 
 
@@ -135,7 +162,7 @@ def _w_dot(w, x, RESCALE_W: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _stats_fwd_kernel(
+def _stats_fwd(
     a_ptr,  # (M, D)
     b_ptr,  # (N, D)
     a_labels_ptr, b_labels_ptr,  # (M,), (N,) int64 contiguous, read when WITH_POS
@@ -146,8 +173,10 @@ def _stats_fwd_kernel(
     stride_am, stride_ad, stride_bn, stride_bd,
     offset,  # pairs with j - i == offset are left out (N: none)
     cols_per_split,  # program (I, s) streams columns [s * cols_per_split, + cols_per_split)
+    skip_ptr,  # () int32, read when SKIPPABLE: nonzero -> the program does nothing
     WITH_POS: tl.constexpr,
     WITH_MEAN: tl.constexpr,
+    SKIPPABLE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,7 +184,11 @@ def _stats_fwd_kernel(
 ):
     """Stats [lse_neg, lse_pos, sum_pos, count] of BLOCK_M rows per program (only lse_neg, over
     every kept pair, without WITH_POS) over one split of the columns; WITH_MEAN also
-    mean_i = sum_j softmax(s_i)_j b_j over the negatives of the split."""
+    mean_i = sum_j softmax(s_i)_j b_j over the negatives of the split. SKIPPABLE: the Gram
+    forward's general scheme, which does nothing when the unshifted one runs (skip_ptr)."""
+    if SKIPPABLE:
+        if tl.load(skip_ptr) != 0:
+            return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     first = split * cols_per_split
@@ -225,7 +258,7 @@ def _stats_fwd_kernel(
 
 
 @triton.jit
-def _stats_bwd_kernel(
+def _stats_bwd(
     a_ptr,  # (M, D)
     b_ptr,  # (N, D)
     a_labels_ptr, b_labels_ptr,  # (M,), (N,) int64 contiguous
@@ -279,25 +312,137 @@ def _stats_bwd_kernel(
     tl.store(da_ptr + da_offs, acc * scale, mask=row_ok[:, None] & (dims[None, :] < D))
 
 
-def _config(x: torch.Tensor, accumulates: bool, block_m, block_n) -> dict:
-    """Compile-time arguments from CONFIGS and TILES for input x (rows of D features); block_m /
-    block_n override the tile sizes (powers of 2, >= 16)."""
-    d = x.shape[1]
-    if d > MAX_DIM:
-        raise ValueError(f"the GPU contrastive kernels support D <= {MAX_DIM}, got D = {d}")
-    block_d = next(b for b in CONFIGS["dims"] if b >= d)
-    if x.dtype == torch.float32:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 and block_d in TILES["tf32"]
-        kind = "tf32" if tf32 else "ieee"
-    else:
-        kind = "16acc" if accumulates else "16"
-    block, warps, stages = TILES[kind][block_d]
-    return dict(
-        # 16-bit operands ignore the precision; fp32 ones are exact unless TF32 is allowed.
-        PRECISION="tf32" if kind != "ieee" else "ieee",
-        BLOCK_M=block_m or block, BLOCK_N=block_n or block, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages,
-    )
+@triton.jit
+def _gram_unshifted(
+    u_ptr,  # (M, D)
+    labels_ptr,  # (M,) int64 contiguous
+    scale_ptr,  # () float32
+    run_ptr,  # () int32: zero -> the program does nothing (the general scheme runs instead)
+    sums_ptr,  # (4, M) float32 contiguous, zeroed; added to
+    M, D, stride_m, stride_d,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # == BLOCK_M: the tiles J == I sit on the diagonal
+    BLOCK_D: tl.constexpr,
+):
+    """Gram forward over the tiles J >= I only, without any shift (the launcher checked that
+    every |s_ij| is small enough, see ``gram_stats_fwd``): each tile's exp2(s) is summed along its
+    rows for the rows of block I and, off the diagonal, along its columns for the rows of block
+    J (s_ij = s_ji, labels alike). Adds to sums (4, M) = [sum over the negatives of exp2(s),
+    the same over the positives, the positives' logits (log2 units), their count]."""
+    if tl.load(run_ptr) == 0:
+        return
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    a = _load_rows(u_ptr, rows, dims, M, D, stride_m, stride_d)
+    scale2 = tl.load(scale_ptr) * 1.4426950408889634
+    a_labels = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+    sum_neg = tl.zeros([BLOCK_M], tl.float32)
+    sum_pos = tl.zeros([BLOCK_M], tl.float32)
+    logit_sum = tl.zeros([BLOCK_M], tl.float32)
+    count = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(first, M, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < M
+        b = _load_rows(u_ptr, cols, dims, M, D, stride_m, stride_d)
+        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        keep = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != rows[:, None])
+        same = a_labels[:, None] == tl.load(labels_ptr + cols, mask=col_ok, other=0)[None, :]
+        pos = keep & same
+        e = tl.exp2(s)
+        e_neg = tl.where(keep & ~same, e, 0.0)
+        e_pos = tl.where(pos, e, 0.0)
+        s_pos = tl.where(pos, s, 0.0)
+        n_pos = pos.to(tl.float32)
+        col_count = tl.sum(n_pos, 0)
+        sum_neg += tl.sum(e_neg, 1)
+        sum_pos += tl.sum(e_pos, 1)
+        logit_sum += tl.sum(s_pos, 1)
+        count += tl.sum(n_pos, 1)
+        if start != first:  # the same pairs seen from the rows of block J
+            tl.atomic_add(sums_ptr + cols, tl.sum(e_neg, 0), mask=col_ok)
+            if tl.max(col_count, 0) > 0:  # runtime branch: positives sit in few tiles
+                tl.atomic_add(sums_ptr + M + cols, tl.sum(e_pos, 0), mask=col_ok)
+                tl.atomic_add(sums_ptr + 2 * M + cols, tl.sum(s_pos, 0), mask=col_ok)
+                tl.atomic_add(sums_ptr + 3 * M + cols, col_count, mask=col_ok)
+    tl.atomic_add(sums_ptr + rows, sum_neg, mask=row_ok)
+    tl.atomic_add(sums_ptr + M + rows, sum_pos, mask=row_ok)
+    tl.atomic_add(sums_ptr + 2 * M + rows, logit_sum, mask=row_ok)
+    tl.atomic_add(sums_ptr + 3 * M + rows, count, mask=row_ok)
+
+
+def _kind(dtype: torch.dtype, precision: str, accumulates: bool) -> str:
+    """The TILES key of an operand dtype: "ieee" / "tf32" for fp32 (the dot's precision), "16" or
+    "16acc" for bf16 / fp16."""
+    if dtype == torch.float32:
+        return precision
+    return "16acc" if accumulates else "16"
+
+
+def _autotuned(kernel, accumulates, flags: list[str], reset_to_zero=None):
+    """kernel under triton.autotune over the TILES candidates of each launch's (operand kind,
+    BLOCK_D); accumulates(constexprs) says whether the launch carries a (BLOCK_M, BLOCK_D)
+    accumulator. Keyed on the constexpr flags, BLOCK_D, PRECISION and (added by Triton) the
+    argument dtypes. Nothing is timed before the first launch on a GPU."""
+    tiles = sorted({t for by_dim in TILES.values() for ts in by_dim.values() for t in ts})
+    configs = [triton.Config(dict(BLOCK_M=b, BLOCK_N=b), num_warps=w, num_stages=st)
+               for b, w, st in tiles]
+
+    def candidates(configs, named_args, **constexprs):
+        kind = _kind(named_args[next(iter(named_args))].dtype, constexprs["PRECISION"],
+                     accumulates(constexprs))
+        wanted = TILES[kind][constexprs["BLOCK_D"]]
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs, key=flags + ["BLOCK_D", "PRECISION"],
+                           prune_configs_by={"early_config_prune": candidates},
+                           reset_to_zero=reset_to_zero)(kernel)
+
+
+_stats_fwd_kernel = _autotuned(_stats_fwd, lambda c: c["WITH_MEAN"],
+                               ["WITH_POS", "WITH_MEAN", "SKIPPABLE"])
+_stats_bwd_kernel = _autotuned(_stats_bwd, lambda c: True,
+                               ["HAS_ROW", "HAS_COL", "RESCALE_W"])
+_gram_unshifted_kernel = _autotuned(_gram_unshifted, lambda c: False, [],
+                                    reset_to_zero=["sums_ptr"])
+
+
+class _Launch:
+    """How one kernel call picks its tiles. On a GPU, with no tiles forced, the autotuned kernel
+    chooses among the candidates of (kind, BLOCK_D) (``tuned``); under the interpreter, or with
+    block_m / block_n given (tests), the plain kernel runs the first candidate, blocks replaced.
+    ``block_m`` / ``block_n`` here are those of the first candidate (or the forced ones) and
+    ``block_n_max`` the largest BLOCK_N any candidate may take, for host-side grid arithmetic."""
+
+    def __init__(self, x: torch.Tensor, accumulates: bool, block_m, block_n):
+        d = x.shape[1]
+        if d > MAX_DIM:
+            raise ValueError(f"the GPU contrastive kernels support D <= {MAX_DIM}, got D = {d}")
+        self.block_d = next(b for b in CONFIGS["dims"] if b >= d)
+        if x.dtype == torch.float32:
+            tf32 = torch.backends.cuda.matmul.allow_tf32 and self.block_d in TILES["tf32"]
+            # 16-bit operands ignore the precision; fp32 ones are exact unless TF32 is allowed.
+            self.precision = "tf32" if tf32 else "ieee"
+        else:
+            self.precision = "tf32"
+        candidates = TILES[_kind(x.dtype, self.precision, accumulates)][self.block_d]
+        block, self.warps, self.stages = candidates[0]
+        forced = block_m is not None or block_n is not None
+        self.tuned = not forced and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        self.block_m, self.block_n = block_m or block, block_n or block
+        self.block_n_max = max(t[0] for t in candidates) if self.tuned else self.block_n
+
+    def __call__(self, kernel, grid, *args, **flags):
+        """kernel[grid](*args, **flags) with the tiles; grid(block_m) -> the launch grid."""
+        flags.update(PRECISION=self.precision, BLOCK_D=self.block_d)
+        if self.tuned:
+            kernel[lambda meta: grid(meta["BLOCK_M"])](*args, **flags)
+        else:
+            kernel.fn[grid(self.block_m)](*args, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
+                                          num_warps=self.warps, num_stages=self.stages, **flags)
 
 
 def _offset(m: int, n: int, offset: int, has_diag: bool) -> int:
@@ -319,26 +464,28 @@ def _splits(row_blocks: int, n: int, block_n: int) -> tuple[int, int]:
     return whole_block_splits(n, block_n, split)
 
 
-def _row_fwd(a, b, labels, scale, offset, has_diag, block_m, block_n, with_mean=False):
+def _row_fwd(a, b, labels, scale, offset, has_diag, block_m, block_n, with_mean=False,
+             skip=None):
     """labels (a_labels, b_labels) -> stats (4, M) of the rows of a against b; labels None ->
     lse (M,) over every kept pair, and with_mean (lse, mean (M, D)). Few rows: the columns are
     split among programs and the splits' statistics merged here (log-sum-exp of the lse, sums of
-    the rest: a single positive's lse_pos and sum_pos stay equal)."""
+    the rest: a single positive's lse_pos and sum_pos stay equal). skip: a () int32 device flag,
+    nonzero -> the kernel does nothing (the output is then left unwritten)."""
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     with_pos = labels is not None
-    cfg = _config(a, with_mean, block_m, block_n)  # checks D even when there are no rows
-    row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
-    split, per_split = _splits(row_blocks, n, cfg["BLOCK_N"])
+    launch = _Launch(a, with_mean, block_m, block_n)  # checks D even when there are no rows
+    # Splits are whole blocks of every candidate BLOCK_N (powers of 2), so any tile fits them.
+    split, per_split = _splits(triton.cdiv(m, launch.block_m), n, launch.block_n_max)
     out = torch.empty((split, 4, m) if with_pos else (split, m), dtype=torch.float32,
                       device=a.device)
     mean = torch.empty(split, m, d, dtype=torch.float32, device=a.device) if with_mean else out
     if m:
         a_labels, b_labels = (_labels(labels[0]), _labels(labels[1])) if with_pos else (out, out)
-        _stats_fwd_kernel[(row_blocks, split)](
-            a, b, a_labels, b_labels, scale.float(), out, mean, m, n, d, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), per_split,
-            WITH_POS=with_pos, WITH_MEAN=with_mean, **cfg,
-        )
+        launch(_stats_fwd_kernel, lambda block: (triton.cdiv(m, block), split),
+               a, b, a_labels, b_labels, scale.float(), out, mean, m, n, d, a.stride(0),
+               a.stride(1), b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), per_split,
+               out if skip is None else skip, WITH_POS=with_pos, WITH_MEAN=with_mean,
+               SKIPPABLE=skip is not None)
     if split == 1:
         out, mean = out[0], mean[0]
     elif with_pos:
@@ -359,23 +506,58 @@ def _row_bwd(a, b, a_labels, b_labels, scale, coef, col_coef, offset, has_diag, 
     m, d = a.shape
     n = b.shape[0]
     da = torch.empty(m, d, dtype=torch.float32, device=a.device)
-    cfg = _config(a, True, block_m, block_n)
+    launch = _Launch(a, True, block_m, block_n)
     if m:
         coef = coef.float().contiguous() if coef is not None else None
         col_coef = col_coef.float().contiguous() if col_coef is not None else None
-        _stats_bwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            a, b, a_labels, b_labels, scale.float(), coef if coef is not None else col_coef,
-            col_coef if col_coef is not None else coef, da, m, n, d, a.stride(0), a.stride(1),
-            b.stride(0), b.stride(1), _offset(m, n, offset, has_diag), HAS_ROW=coef is not None,
-            HAS_COL=col_coef is not None, RESCALE_W=a.dtype == torch.float16, **cfg,
-        )
+        launch(_stats_bwd_kernel, lambda block: (triton.cdiv(m, block),),
+               a, b, a_labels, b_labels, scale.float(), coef if coef is not None else col_coef,
+               col_coef if col_coef is not None else coef, da, m, n, d, a.stride(0), a.stride(1),
+               b.stride(0), b.stride(1), _offset(m, n, offset, has_diag),
+               HAS_ROW=coef is not None, HAS_COL=col_coef is not None,
+               RESCALE_W=a.dtype == torch.float16)
     return da
 
 
-def gram_stats_fwd(u, labels, scale, *, block_m=None, block_n=None):
+# Largest bound R on |s_ij| in log2 units for the unshifted Gram forward: 2^-R <= exp2(s) <= 2^R
+# are normal fp32 numbers, and so are sums of up to 2^63 of them (2^(57.7 + 63) < 2^128). It is
+# 40 in natural units (temperature >= 0.025 for unit rows), the C++ kernels' bound.
+MAX_UNSHIFTED_LOG2 = 40.0 * LOG2E
+
+
+def gram_stats_fwd(u, labels, scale, *, symmetric=None, block_m=None, block_n=None):
     """u (M, D), labels (M,), scale () -> stats (4, M) float32 = [lse_neg, lse_pos, sum_pos,
-    count] over j != i."""
-    return _row_fwd(u, u, (labels, labels), scale, 0, True, block_m, block_n)
+    count] over j != i.
+
+    With enough rows to fill the GPU (symmetric=None; True / False force it) the logits' bound
+    R = |scale| max_i |u_i|^2 decides, on the device (no host sync), between two schemes, both
+    launched, one doing nothing: R small enough (unit rows at temperature >= 0.025) ->
+    ``_gram_unshifted_kernel`` over half the tiles; else the general row-stationary kernel.
+    Under torch.use_deterministic_algorithms only the general one runs (the other's column sums
+    are float atomics, added in no fixed order)."""
+    labels = _labels(labels)
+    m = u.shape[0]
+    launch = _Launch(u, False, block_m, block_n)
+    if symmetric is None:
+        symmetric = triton.cdiv(m, launch.block_m) >= TARGET_PROGRAMS // 4
+    if not symmetric or not m or torch.are_deterministic_algorithms_enabled():
+        return _row_fwd(u, u, (labels, labels), scale, 0, True, block_m, block_n)
+    scale = scale.float()
+    bound = (scale.abs() * LOG2E) * u.float().square().sum(1).amax()
+    run = (bound <= MAX_UNSHIFTED_LOG2).to(torch.int32)  # NaN / inf inputs: False
+    sums = torch.zeros(4, m, dtype=torch.float32, device=u.device)
+    launch(_gram_unshifted_kernel, lambda block: (triton.cdiv(m, block),),
+           u, labels, scale, run, sums, m, u.shape[1], u.stride(0), u.stride(1))
+    # The general kernel runs its first candidate here: timing it while it does nothing would
+    # tune it on nothing.
+    general = _row_fwd(u, u, (labels, labels), scale, 0, True, launch.block_m, launch.block_n,
+                       skip=run)
+    sum_neg, sum_pos, logit_sum, count = sums
+    logit_sum = logit_sum * LN2
+    # A single positive's lse is its logit, exactly as the general scheme gives it.
+    lse_pos = torch.where(count == 1, logit_sum, torch.log(sum_pos))
+    unshifted = torch.stack([torch.log(sum_neg), lse_pos, logit_sum, count])
+    return torch.where(run.bool(), unshifted, general)
 
 
 def gram_stats_bwd(u, labels, scale, coef, *, block=None):

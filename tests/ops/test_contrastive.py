@@ -122,6 +122,76 @@ def test_single_positive_loss_is_exact_when_small(backend):
     assert ((loss.double() - loss64).abs() / loss64).max() < 1e-4
 
 
+def _triton_contrastive():
+    pytest.importorskip("triton")
+    from fastcl._backend import triton_module
+
+    return triton_module("contrastive")
+
+
+def _close_or_equal(x, truth, tol, name):
+    """|x - truth| <= tol (1 + |truth|) elementwise, infinities equal."""
+    x = x.double()
+    err = torch.where(x == truth, 0.0, (x - truth).abs() / (1 + truth.abs()))
+    assert err.max() <= tol, f"{name}: {err.max().item():.3g} > {tol}"
+
+
+@pytest.mark.parametrize("temperature,norm", [(0.07, 1.0), (1.0, 6.0), (0.01, 1.0), (0.5, 8.0)])
+@pytest.mark.parametrize("labels", ["pairs", "repeat", "unique"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gram_forward_schemes(temperature, norm, labels, dtype):
+    """The Triton Gram forward over half the tiles: unshifted where |s| is bounded (the first
+    two cases; R = 20.6 and 51.9 in log2 units against 57.7) and the general kernel where it is
+    not (the last two), chosen on the device; stats against float64, a single positive's lse
+    equal to its logit."""
+    kernels = _triton_contrastive()
+    u = unit_rows(75, 24, "cpu", norm=norm).to(dtype)
+    y = random_labels(75, labels, "cpu")
+    scale = torch.tensor(1 / temperature)
+    stats = kernels.gram_stats_fwd(u, y, scale, symmetric=True, block_m=16, block_n=16)
+    truth = gram_contrastive_ref(u.double(), y, scale.double())[1]
+    _close_or_equal(stats, truth, 3e-6 if dtype == torch.float32 else 2e-5, "stats")
+    single = stats[3] == 1
+    assert torch.equal(stats[1][single], stats[2][single])
+
+
+def test_triton_gram_unshifted_small_losses():
+    """Near-duplicate positives at T = 0.03 (unshifted: R = 48.1): losses of 1e-10 to 1e-4 to
+    1e-4 relative, never negative."""
+    kernels = _triton_contrastive()
+    u = unit_rows(40, 16, "cpu")
+    u = torch.cat([u, u + 1e-3 * unit_rows(40, 16, "cpu")])
+    y = torch.arange(80) % 40
+    scale = torch.tensor(1 / 0.03)
+    from fastcl.ops.contrastive import loss_from_stats
+
+    loss = loss_from_stats(kernels.gram_stats_fwd(u, y, scale, symmetric=True, block_m=16,
+                                                  block_n=16))
+    loss64 = gram_contrastive_ref(u.double(), y, scale.double())[0]
+    assert loss64.max() < 1e-3 and loss64.min() < 1e-8
+    assert (loss >= 0).all()
+    assert ((loss.double() - loss64).abs() / loss64).max() < 1e-4
+
+
+def test_triton_gram_forward_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms the atomics of the unshifted scheme never run."""
+    kernels = _triton_contrastive()
+    u, y, scale = unit_rows(40, 8, "cpu"), torch.arange(40) % 20, torch.tensor(5.0)
+    expected = kernels.gram_stats_fwd(u, y, scale, symmetric=True, block_m=16, block_n=16)
+
+    class Forbidden:
+        fn = property(lambda self: pytest.fail("the unshifted kernel ran"))
+
+    monkeypatch.setattr(kernels, "_gram_unshifted_kernel", Forbidden())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        stats = kernels.gram_stats_fwd(u, y, scale, symmetric=True, block_m=16, block_n=16)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _close_or_equal(stats, expected.double(), 1e-6, "stats")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exact_softplus(dtype):
     """log(1 + exp(x)) to rounding at every x, tiny and huge, and the gradient sigmoid(x) (1/2 at
