@@ -21,8 +21,9 @@ are, with fp32 accumulation; fp32 operands as exact fp32 ("ieee") unless
 torch.backends.cuda.matmul.allow_tf32 is set, then as tf32. The kernels have the register
 shapes of the contrastive ones (a (BLOCK_M, BLOCK_D) operand, a streamed (BLOCK_N, BLOCK_D) block,
 a (BLOCK_M, BLOCK_D) fp32 accumulator in backward) and take their launch configurations from the
-same tables, ``CONFIGS`` and ``TILES`` of kernels/contrastive.py (compiled for sm_80 / sm_90 by
-fastcl.kernels.aot), so D <= MAX_DIM.
+same tables, ``CONFIGS`` and ``TILES`` of kernels/contrastive.py (autotuned over the same
+candidates on a GPU; every candidate compiled for sm_80 / sm_90 by fastcl.kernels.aot), so
+D <= MAX_DIM.
 
 Work (M, N rows, D features): forward 2 M N D FLOP and M N exp2; backward two passes of 4 M N D
 FLOP (recompute, W @ the other side) and M N exp2 each. At M = N = 16384, D = 256: 137 GFLOP
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.kernels.contrastive import CONFIGS, MAX_DIM, _config, _load_rows, _offset, _w_dot
+from fastcl.kernels.contrastive import (CONFIGS, MAX_DIM, _autotuned, _Launch, _load_rows, _offset,
+                                        _w_dot)
 
 __all__ = ["CONFIGS", "MAX_DIM", "sigmoid_pairs_bwd", "sigmoid_pairs_fwd"]
 
@@ -55,7 +57,7 @@ def _log1p_small(e):
 
 
 @triton.jit
-def _sigmoid_fwd_kernel(
+def _sigmoid_fwd(
     x_ptr,  # (M, D)
     y_ptr,  # (N, D)
     scale_ptr, bias_ptr,  # () float32
@@ -87,7 +89,7 @@ def _sigmoid_fwd_kernel(
 
 
 @triton.jit
-def _sigmoid_bwd_kernel(
+def _sigmoid_bwd(
     a_ptr,  # (P, D): the stationary side (x, or y for dy)
     b_ptr,  # (Q, D): the streamed side
     scale_ptr, bias_ptr,  # () float32
@@ -141,31 +143,34 @@ def _sigmoid_bwd_kernel(
         tl.store(dbias_ptr + rows, dbias, mask=row_ok)
 
 
+# Tiles autotuned on a GPU over the contrastive family's candidates (the same register shapes).
+_sigmoid_fwd_kernel = _autotuned(_sigmoid_fwd, lambda c: False, [])
+_sigmoid_bwd_kernel = _autotuned(_sigmoid_bwd, lambda c: True, ["GRAD_ON_ROWS", "RESCALE_W"])
+
+
 def sigmoid_pairs_fwd(x, y, scale, bias, diag_offset, *, block_m=None, block_n=None):
     """x (M, D), y (N, D), scale (), bias () -> row_loss (M,) float32."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
-    cfg = _config(x, False, block_m, block_n)  # checks D even when there are no rows
+    launch = _Launch(x, False, block_m, block_n)  # checks D even when there are no rows
     loss = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        _sigmoid_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            x, y, scale.float(), bias.float(), loss, m, n, d, x.stride(0), x.stride(1),
-            y.stride(0), y.stride(1), _offset(m, n, diag_offset, True), **cfg,
-        )
+        launch(_sigmoid_fwd_kernel, lambda block: (triton.cdiv(m, block),),
+               x, y, scale.float(), bias.float(), loss, m, n, d, x.stride(0), x.stride(1),
+               y.stride(0), y.stride(1), _offset(m, n, diag_offset, True))
     return loss
 
 
 def _bwd_pass(a, b, scale, bias, grad, offset, grad_on_rows, block_m, block_n):
     """da (P, D) float32 and, when grad_on_rows, the per-row partials (dscale, dbias) (P,)."""
     p, q, d = a.shape[0], b.shape[0], a.shape[1]
-    cfg = _config(a, True, block_m, block_n)
+    launch = _Launch(a, True, block_m, block_n)
     da = torch.empty(p, d, dtype=torch.float32, device=a.device)
     parts = torch.empty(2, p if grad_on_rows else 0, dtype=torch.float32, device=a.device)
     if p:
-        _sigmoid_bwd_kernel[(triton.cdiv(p, cfg["BLOCK_M"]),)](
-            a, b, scale.float(), bias.float(), grad, da, parts[0], parts[1], p, q, d,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), _offset(p, q, offset, True),
-            GRAD_ON_ROWS=grad_on_rows, RESCALE_W=a.dtype == torch.float16, **cfg,
-        )
+        launch(_sigmoid_bwd_kernel, lambda block: (triton.cdiv(p, block),),
+               a, b, scale.float(), bias.float(), grad, da, parts[0], parts[1], p, q, d,
+               a.stride(0), a.stride(1), b.stride(0), b.stride(1), _offset(p, q, offset, True),
+               GRAD_ON_ROWS=grad_on_rows, RESCALE_W=a.dtype == torch.float16)
     return da, parts
 
 
