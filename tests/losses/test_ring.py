@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fastcl import InfoNCELoss, info_nce, nt_xent, supcon
+from tests.conftest import HAS_TRITON
 from tests.helpers import assert_close, run_on_ranks
 
 D = 6
@@ -83,6 +84,35 @@ def test_ring_equals_one_process(world, n):
             outputs = 3 if name in ("symmetric", "clip_mean") else 4
             for i in range(outputs):
                 assert_close(ring[name][i], gathered[name][i], 1e-10, f"{name} rank {r} [{i}]")
+
+
+def _backend_worker(rank, results, z1, z2, labels, n, backend):
+    from fastcl.ops import cpu_backend
+
+    with cpu_backend(backend):
+        results[rank] = _run(slice(rank * n, (rank + 1) * n), z1, z2, labels, torch.float32,
+                             "ring")
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_ring_blocks_on_triton():
+    """The ring's blocks run whatever the dispatcher picks: above the C++ kernels (fp32) and the
+    reference (float64), here the Triton kernels (interpreted), against the float64 truth."""
+    world, n, backend = 2, 3, "triton"
+    z1 = torch.randn(world * n, D, dtype=torch.float64)
+    z2 = z1 + 0.5 * torch.randn(world * n, D, dtype=torch.float64)
+    labels = torch.randint(0, 2, (world * n,))
+    results = run_on_ranks(_backend_worker, z1, z2, labels, n, backend, world=world)
+    truth = _run(slice(None), z1, z2, labels, torch.float64, False)
+    for name, (loss, dz1, dz2, dt) in truth.items():
+        factor = world if name.endswith("_mean") else 1
+        assert_close(sum(results[r][name][0] for r in range(world)), factor * loss, 2e-5, name)
+        assert_close(sum(results[r][name][3] for r in range(world)), factor * dt, 2e-5, name)
+        for r in range(world):
+            rows = slice(r * n, (r + 1) * n)
+            assert_close(results[r][name][1], factor * dz1[rows], 2e-5, name)
+            assert_close(results[r][name][2], factor * dz2[rows], 2e-5, name)
 
 
 def test_ring_on_one_process_is_local():
