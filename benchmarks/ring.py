@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
-import socket
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,12 +37,15 @@ def _step(q, k, temperature, gather):
     return step
 
 
-def _rank_main(rank, world, port, sizes, repeats, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank, world, folder, sizes, repeats):
+    """One rank: measures every size; rank 0 prints each size's rows as they come and writes them
+    all to folder/rows.json."""
     torch.set_num_threads(1)  # W processes share the machine's cores
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=world)
     try:
         torch.manual_seed(rank)
+        rows = []
         for n in sizes:
             q = torch.randn(n, D, requires_grad=True)
             k = torch.randn(n, D, requires_grad=True)
@@ -57,30 +61,30 @@ def _rank_main(rank, world, port, sizes, repeats, results):
                     start = time.perf_counter()
                     step()
                     times[mode].append(time.perf_counter() - start)
-            for mode in MODES:
-                results[(n, mode, rank)] = (peak[mode], statistics.median(times[mode]))
+            mine = {mode: (peak[mode], statistics.median(times[mode])) for mode in MODES}
+            every = [None] * world
+            dist.all_gather_object(every, mine)
+            if rank == 0:
+                for mode in MODES:
+                    # The largest peak and the slowest rank's median step.
+                    row = {"world": world, "n_per_rank": n, "rows": world * n,
+                           "gather": str(mode), "mib": max(r[mode][0] for r in every) / 2**20,
+                           "ms": 1e3 * max(r[mode][1] for r in every),
+                           "load_1min": os.getloadavg()[0]}
+                    print(f"W={world} N={n:6} W*N={world * n:7} gather={row['gather']:5} "
+                          f"{row['mib']:9.1f} MiB {row['ms']:9.0f} ms", flush=True)
+                    rows.append(row)
+        if rank == 0:
+            Path(folder, "rows.json").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
 
 
 def measure(world: int, sizes: list, repeats: int) -> list:
-    """Rows {world, n_per_rank, rows, gather, mib, ms}: the largest peak and the slowest median
-    step over the ranks."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(world, port, sizes, repeats, results), nprocs=world, join=True)
-        results = dict(results)
-    load = os.getloadavg()[0]
-    rows = []
-    for n in sizes:
-        for mode in MODES:
-            peaks, times = zip(*(results[(n, mode, r)] for r in range(world)))
-            rows.append({"world": world, "n_per_rank": n, "rows": world * n, "gather": str(mode),
-                         "mib": max(peaks) / 2**20, "ms": 1e3 * max(times), "load_1min": load})
-    return rows
+    """Rows {world, n_per_rank, rows, gather, mib, ms, load_1min}, a size's two modes in turn."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_rank_main, args=(world, folder, sizes, repeats), nprocs=world, join=True)
+        return json.loads(Path(folder, "rows.json").read_text())
 
 
 def markdown_table(rows) -> str:
@@ -95,9 +99,9 @@ def markdown_table(rows) -> str:
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096],
                         help="rows per rank")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per mode and size")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per mode and size")
     parser.add_argument("--quick", action="store_true", help="2 processes, tiny sizes")
     parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
@@ -108,9 +112,6 @@ def main(argv=None) -> list:
     env["threads"] = 1
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     rows = measure(args.world, args.sizes, args.repeats)
-    for r in rows:
-        print(f"W={r['world']} N={r['n_per_rank']:6} W*N={r['rows']:7} gather={r['gather']:5} "
-              f"{r['mib']:9.1f} MiB {r['ms']:9.0f} ms", flush=True)
     if args.markdown:
         print(markdown_table(rows))
     if args.csv:
