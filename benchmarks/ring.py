@@ -92,7 +92,8 @@ def markdown_table(rows) -> str:
              "| ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['world']} | {r['n_per_rank']} | {r['rows']} | {r['gather']} | "
-                     f"{float(r['mib']):.1f} | {float(r['ms']):.0f} | {float(r['load_1min']):.2f} |")
+                     f"{float(r['mib']):.1f} | {float(r['ms']):.0f} | "
+                     f"{float(r['load_1min']):.2f} |")
     return "\n".join(lines)
 
 
