@@ -54,6 +54,15 @@ def same_dtype(**tensors: Tensor) -> None:
         raise TypeError(f"tensors must have the same dtype, got {listed}")
 
 
+def gather(value):
+    """gather: False (this rank's rows), True (all-gather every rank's rows) or "ring"."""
+    if isinstance(value, bool) or (isinstance(value, str) and value == "ring"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f'gather must be False, True or "ring", got {value!r}')
+    raise TypeError(f'gather must be False, True or "ring", got {type(value).__name__}')
+
+
 def reduction(value: str) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")

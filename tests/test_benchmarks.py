@@ -180,3 +180,16 @@ def test_family_smoke(family, tmp_path):
         assert r["train_mib"] >= 0
     baselines = [r for r in rows if r["train_speedup"] == 1.0]
     assert {r["case"] for r in baselines} == {r["case"] for r in rows}
+
+
+def test_ring_smoke(tmp_path):
+    """benchmarks/ring.py on 2 gloo processes, tiny sizes: a row per size and mode, with memory
+    and time, written to its CSV."""
+    module = _load_script("ring")
+    out = tmp_path / "ring.csv"
+    rows = module.main(["--quick", "--csv", str(out)])
+    assert [(r["n_per_rank"], r["gather"]) for r in rows] == [
+        (16, "True"), (16, "ring"), (32, "True"), (32, "ring")]
+    assert all(r["mib"] > 0 and r["ms"] > 0 for r in rows)
+    with open(out, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)

@@ -7,6 +7,11 @@ similarity matrix and keep the positives apart from the negatives so that small 
 losses and their gradients stay exact. Inputs may be float32, bfloat16 or float16 (fp32
 accumulation, fp32 loss, gradients rounded to the input dtype once) or float64 (computed by the
 reference in float64, for testing).
+
+gather (under torch.distributed, W ranks): False uses this rank's rows alone; True all-gathers
+every rank's keys (W x N rows per rank, gradients all-reduced back); "ring" gives the same loss
+and gradients with only this rank's rows in memory, the key blocks sent around the ring
+(fastcl.ring). Either way a rank's loss is that of its own anchors against every rank's keys.
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ from fastcl import _checks
 from fastcl._backend import accumulation_dtype
 from fastcl.distributed import all_gather_no_grad, all_gather_with_grad, world
 from fastcl.ops.contrastive import bank_lse, cross_contrastive, exact_softplus, gram_contrastive
+from fastcl.ring import ring_contrastive
 
 Temperature = Union[float, Tensor]
+Gather = Union[bool, str]  # False, True or "ring"
 
 
 def _embed(x: Tensor, normalize: bool) -> Tensor:
@@ -51,18 +58,19 @@ def nt_xent(
     *,
     normalize: bool = True,
     reduction: str = "mean",
-    gather: bool = False,
+    gather: Gather = False,
 ) -> Tensor:
     """NT-Xent (SimCLR / InvaSpread softmax form) over 2N anchors.
 
     z1, z2: (N, D), two views of N samples. Each anchor's positive is its other view; the other
-    2N - 2 embeddings (2WN - 2 with gather=True on W ranks) are its negatives.
+    2N - 2 embeddings (2WN - 2 with gather=True or "ring" on W ranks) are its negatives.
     Returns the mean (or sum) over the anchors, or with reduction="none" the (2N,) per-anchor
     losses ordered [view 1 anchors, view 2 anchors]. Equals lightly's and
     pytorch-metric-learning's NTXentLoss.
     """
     _checks.paired_embeddings(z1=z1, z2=z2)
     _checks.reduction(reduction)
+    _checks.gather(gather)
     rank, size = world() if gather else (0, 1)
     if z1.shape[0] * size < 2:
         raise ValueError(f"z1 and z2 need N >= 2 samples so that each anchor has a negative, "
@@ -72,7 +80,10 @@ def nt_xent(
     u = torch.cat([_embed(z1, normalize), _embed(z2, normalize)])
     n = z1.shape[0]
     sample = torch.arange(n, device=u.device).repeat(2)  # an anchor's label: its sample
-    if size > 1:
+    if size > 1 and gather == "ring":
+        own = sample + rank * n
+        losses = ring_contrastive(u, u, own, own, scale, self_pairs=True, with_col=False)[0]
+    elif size > 1:
         every_sample = (torch.arange(size, device=u.device)[:, None] * n + sample).flatten()
         losses = cross_contrastive(u, all_gather_with_grad(u), sample + rank * n, every_sample,
                                    scale, rank * 2 * n, False)[0]
@@ -90,7 +101,7 @@ def info_nce(
     symmetric: bool = False,
     normalize: bool = True,
     reduction: str = "mean",
-    gather: bool = False,
+    gather: Gather = False,
 ) -> Tensor:
     """InfoNCE: query (N, D), key (N, D), row i of key is query i's positive.
 
@@ -102,6 +113,7 @@ def info_nce(
     """
     _checks.paired_embeddings(query=query, key=key)
     _checks.reduction(reduction)
+    _checks.gather(gather)
     scale = _checks.inverse_temperature(temperature, query)
     q, k = _embed(query, normalize), _embed(key, normalize)
 
@@ -114,8 +126,8 @@ def info_nce(
         if symmetric:
             raise ValueError("symmetric=True needs in-batch negatives: pass negatives=None")
         if gather:
-            raise ValueError("gather=True gathers in-batch negatives; with a negatives queue, "
-                             "enqueue the gathered keys instead and pass gather=False")
+            raise ValueError(f"gather={gather!r} gathers in-batch negatives; with a negatives "
+                             "queue, enqueue the gathered keys instead and pass gather=False")
         # Cast the small query, never the (large) queue, when their dtypes differ.
         lse = bank_lse(q.to(negatives.dtype), negatives.detach(), scale)[0]
         # log(exp(positive) + exp(lse)) - positive, without the cancellation of the two ~1/T terms.
@@ -127,7 +139,13 @@ def info_nce(
                          f"N = {query.shape[0]}; pass negatives=... for a queue")
     n = query.shape[0]
     sample = torch.arange(n, device=q.device)  # row i of key is query i's positive
-    if size > 1:
+    if size > 1 and gather == "ring":
+        own = sample + rank * n
+        losses, key_losses = ring_contrastive(q, k, own, own, scale, self_pairs=False,
+                                              with_col=symmetric)[:2]
+        if symmetric:
+            losses = 0.5 * (losses + key_losses)
+    elif size > 1:
         own, every_sample = sample + rank * n, torch.arange(size * n, device=q.device)
         losses = cross_contrastive(q, all_gather_with_grad(k), own, every_sample, scale, None,
                                    False)[0]
@@ -149,7 +167,7 @@ def supcon(
     *,
     normalize: bool = True,
     reduction: str = "mean",
-    gather: bool = False,
+    gather: Gather = False,
     base_temperature: Optional[float] = None,
 ) -> Tensor:
     """Supervised contrastive loss (L_out of Khosla et al.).
@@ -185,6 +203,7 @@ def supcon(
                              "of shape (N, V, D) to use each sample as its own class")
         _check_labels(labels, features.shape[0], features)
     _checks.reduction(reduction)
+    _checks.gather(gather)
     scale = _checks.inverse_temperature(temperature, features)
 
     u = _embed(features, normalize)
@@ -192,7 +211,10 @@ def supcon(
     if u.shape[0] * size < 2:
         raise ValueError(f"features need at least 2 rows, got {u.shape[0]}")
     labels = labels.long()  # the ops' label dtype
-    if size > 1:
+    if size > 1 and gather == "ring":
+        losses, _, stats, _ = ring_contrastive(u, u, labels, labels, scale, self_pairs=True,
+                                               with_col=False)
+    elif size > 1:
         losses, _, stats, _ = cross_contrastive(u, all_gather_with_grad(u), labels,
                                                 all_gather_no_grad(labels), scale,
                                                 rank * u.shape[0], False)
@@ -225,11 +247,11 @@ class PairLoss(nn.Module):
     ``(temperature=<their default>, *, <their own options>, **options)``."""
 
     def __init__(self, temperature: Temperature, *, normalize: bool = True,
-                 reduction: str = "mean", gather: bool = False):
+                 reduction: str = "mean", gather: Gather = False):
         super().__init__()
         _checks.positive_scalar("temperature", temperature)
         self.temperature, self.normalize = temperature, normalize
-        self.reduction, self.gather = _checks.reduction(reduction), gather
+        self.reduction, self.gather = _checks.reduction(reduction), _checks.gather(gather)
 
 
 class NTXentLoss(PairLoss):

@@ -57,6 +57,9 @@ def invaspread(z1: Tensor, z2: Tensor, temperature: Temperature = 0.1, *,
     """
     _checks.paired_embeddings(z1=z1, z2=z2)
     _checks.reduction(reduction)
+    if _checks.gather(gather) == "ring":
+        raise ValueError('gather="ring" is not available for invaspread (its keys get no '
+                         'gradient, so gather=True all-gathers them without one): pass True')
     rank, size = world() if gather else (0, 1)
     n = z1.shape[0]
     if n * size < 2:

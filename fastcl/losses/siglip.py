@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_with_grad, world
-from fastcl.losses.contrastive import _embed, _reduce
+from fastcl.losses.contrastive import Gather, _embed, _reduce
 from fastcl.ops.siglip import sigmoid_pairs
+from fastcl.ring import ring_sigmoid
 
 Scalar = Union[float, Tensor]
 
@@ -33,7 +34,7 @@ def siglip(
     *,
     normalize: bool = True,
     reduction: str = "mean",
-    gather: bool = False,
+    gather: Gather = False,
 ) -> Tensor:
     """SigLIP's sigmoid loss of image (N, D) and text (N, D) embeddings; text i matches image i.
 
@@ -47,17 +48,23 @@ def siglip(
     gather=True (torch.distributed): each rank's images meet the texts of every rank (gathered
     with their gradient), positives at column rank * N + i; each rank's "mean" divides by its own
     N, so that DDP's average over ranks equals the single-process loss over the W * N pairs of
-    rows, gradients included.
+    rows, gradients included. gather="ring": the same loss and gradients with each rank holding only
+    its own texts (they travel around the ring, fastcl.ring); the scale's and bias's gradients on
+    a rank are those of its own loss, summed over ranks by DDP.
     """
     _checks.paired_embeddings(image=image, text=text)
     _checks.reduction(reduction)
+    _checks.gather(gather)
     scale_t = _checks.scalar_tensor("scale", scale, image)
     bias_t = _checks.scalar_tensor("bias", bias, image, positive=False)
     x, y = _embed(image, normalize), _embed(text, normalize)
     rank, size = world() if gather else (0, 1)
-    if size > 1:
-        y = all_gather_with_grad(y)
-    losses = sigmoid_pairs(x, y, scale_t, bias_t, rank * image.shape[0])
+    if size > 1 and gather == "ring":
+        losses = ring_sigmoid(x, y, scale_t, bias_t)
+    else:
+        if size > 1:
+            y = all_gather_with_grad(y)
+        losses = sigmoid_pairs(x, y, scale_t, bias_t, rank * image.shape[0])
     return _reduce(losses, reduction)
 
 
@@ -66,10 +73,10 @@ class SigLIPLoss(nn.Module):
     scale and bias are arguments of forward because the model learns them (open_clip keeps them
     in the model, as ``logit_scale`` and ``logit_bias``)."""
 
-    def __init__(self, *, normalize: bool = True, reduction: str = "mean", gather: bool = False):
+    def __init__(self, *, normalize: bool = True, reduction: str = "mean", gather: Gather = False):
         super().__init__()
         self.normalize, self.reduction = normalize, _checks.reduction(reduction)
-        self.gather = gather
+        self.gather = _checks.gather(gather)
 
     def forward(self, image: Tensor, text: Tensor, scale: Scalar, bias: Scalar) -> Tensor:
         return siglip(image, text, scale, bias, normalize=self.normalize,

@@ -16,19 +16,21 @@ import torch
 from torch import Tensor
 
 from fastcl import _checks
-from fastcl.losses.contrastive import PairLoss, Temperature, _embed, _reduce, _row_dot, nt_xent
+from fastcl.losses.contrastive import (
+    Gather, PairLoss, Temperature, _embed, _reduce, _row_dot, nt_xent,
+)
 from fastcl.ops.contrastive import bank_lse
 
 
 def nt_xent_memory(z1: Tensor, z2: Tensor, memory: Optional[Tensor],
                    temperature: Temperature = 0.5, *, normalize: bool = True,
-                   reduction: str = "mean", gather: bool = False) -> Tensor:
+                   reduction: str = "mean", gather: Gather = False) -> Tensor:
     """NT-Xent over the 2N anchors of z1, z2 (N, D) with the K rows of memory (K, D) as extra
     negatives of every anchor; memory=None is plain :func:`fastcl.nt_xent`.
 
-    gather=True: the in-batch negatives come from every rank (as nt_xent); the memory should then
-    hold every rank's keys (enqueue them gathered). reduction="none" gives the (2N,) per-anchor
-    losses, [view 1 anchors, view 2 anchors].
+    gather=True or "ring": the in-batch negatives come from every rank (as nt_xent); the memory
+    should then hold every rank's keys (enqueue them gathered). reduction="none" gives the (2N,)
+    per-anchor losses, [view 1 anchors, view 2 anchors].
     """
     if memory is None:
         return nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
