@@ -152,8 +152,10 @@ class DINOLoss(nn.Module):
         return loss
 
     def update_center(self, teacher_out: Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of teacher_out's rows (*, output_dim), over
-        every rank."""
+        """center <- m * center + (1 - m) * mean of teacher_out (views, B, output_dim) over views
+        and batch, and over every rank. (lightly's also takes a 2-D tensor, and then averages
+        all its entries into every coordinate.)"""
+        _checks.embeddings("teacher_out", teacher_out, ndim=3)
         update_center_(self.center, teacher_out, self.center_momentum)
 
 

@@ -104,7 +104,9 @@ def _temperature(logit_scale):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a float or a one-element tensor, got shape "
                              f"{tuple(logit_scale.shape)}")
-        return logit_scale.reshape(()).reciprocal()
+        # In fp32 at least: a 16-bit reciprocal would round the temperature.
+        return logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype,
+                                                              torch.float32)).reciprocal()
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real) or logit_scale <= 0:
         raise ValueError(f"logit_scale must be a number > 0 or a tensor, got {logit_scale!r}")
     return 1.0 / float(logit_scale)

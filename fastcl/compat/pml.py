@@ -59,7 +59,12 @@ class _PMLLoss(nn.Module):
                              "labels only")
         if labels is None:
             raise ValueError("labels must be given (M,) for embeddings (M, D)")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         _checks.embeddings("embeddings", embeddings)
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels must have shape ({embeddings.shape[0]},) to match "
+                             f"embeddings, got {tuple(labels.shape)}")
 
     @staticmethod
     def _zero(embeddings: Tensor) -> Tensor:
@@ -87,8 +92,10 @@ class NTXentLoss(_PMLLoss):
         self._check(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if embeddings.shape[0] < 2:
             return self._zero(embeddings)
-        if isinstance(labels, Tensor) and labels.numel() and int(
-                torch.unique(labels, return_counts=True)[1].max()) > 2:
+        counts = torch.unique(labels, return_counts=True)[1]
+        if len(counts) == 1:
+            return self._zero(embeddings)  # no negative pair
+        if int(counts.max()) > 2:
             raise ValueError("labels must give each embedding at most one positive (no label on "
                              "more than two embeddings) for fastcl's NTXentLoss; use SupConLoss "
                              "for several positives per anchor")
