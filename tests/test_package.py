@@ -18,6 +18,17 @@ def test_import_touches_neither_cuda_nor_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_compat_adapters_import_no_peer():
+    """fastcl.compat's adapters work without the libraries they stand in for."""
+    code = (
+        "import sys, fastcl, fastcl.compat.open_clip, fastcl.compat.lightly, fastcl.compat.pml\n"
+        "peers = [m for m in ('open_clip', 'lightly', 'pytorch_metric_learning', 'triton')\n"
+        "         if m in sys.modules]\n"
+        "assert not peers, f'imported {peers}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_missing_extension_warns_once_and_falls_back(monkeypatch):
     from fastcl import _backend, formulas, nt_xent
 
