@@ -51,6 +51,14 @@ class _PMLLoss(nn.Module):
         self.temperature, self.embedding_reg_weight = temperature, embedding_reg_weight
         self.collect_stats = collect_stats
 
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
+                ref_emb=None, ref_labels=None) -> Tensor:
+        """embeddings (M, D), labels (M,) -> the loss (fp32 for 16-bit embeddings)."""
+        self._check(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if embeddings.shape[0] < 2:
+            return self._zero(embeddings)
+        return self._loss(embeddings, labels)
+
     def _check(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> None:
         if indices_tuple is not None:
             raise ValueError("indices_tuple (mined pairs) is not supported: pass labels only")
@@ -87,11 +95,7 @@ class NTXentLoss(_PMLLoss):
     def __init__(self, temperature: float = 0.07, **kwargs):
         super().__init__(temperature, **kwargs)
 
-    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
-                ref_emb=None, ref_labels=None) -> Tensor:
-        self._check(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if embeddings.shape[0] < 2:
-            return self._zero(embeddings)
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         counts = torch.unique(labels, return_counts=True)[1]
         if len(counts) == 1:
             return self._zero(embeddings)  # no negative pair
@@ -116,11 +120,7 @@ class SupConLoss(_PMLLoss):
     def __init__(self, temperature: float = 0.1, **kwargs):
         super().__init__(temperature, **kwargs)
 
-    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
-                ref_emb=None, ref_labels=None) -> Tensor:
-        self._check(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if embeddings.shape[0] < 2:
-            return self._zero(embeddings)
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         losses = supcon(embeddings, labels, self.temperature, reduction="none")
         has_negative = (labels != labels[0]).any()
         kept = (losses > 0) & has_negative
