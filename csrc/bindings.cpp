@@ -8,6 +8,7 @@ void bind_bank(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_dino(py::module_& m);
 void bind_momentum(py::module_& m);
+void bind_siglip(py::module_& m);
 void bind_sinkhorn(py::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,6 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_contrastive(m);
   bind_dino(m);
   bind_momentum(m);
+  bind_siglip(m);
   bind_sinkhorn(m);
   m.def("empty_cache", &fastcl::empty_kept_outputs,
         "drops the output buffers kept for reuse (csrc/kept_output.h): the next calls allocate "

@@ -7,6 +7,7 @@ from fastcl.losses import (
     InfoNCELoss,
     InstDiscNCELoss,
     NTXentLoss,
+    SigLIPLoss,
     SupConLoss,
     dino_loss,
     dino_loss_sinkhorn,
@@ -14,6 +15,7 @@ from fastcl.losses import (
     nt_xent,
     sampled_info_nce,
     sampled_nce,
+    siglip,
     supcon,
 )
 
@@ -28,4 +30,5 @@ __all__ = [
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
     "info_nce", "nt_xent", "sinkhorn", "supcon",
     "InstDiscNCELoss", "MemoryBank", "Queue", "sampled_info_nce", "sampled_nce",
+    "SigLIPLoss", "siglip",
 ]

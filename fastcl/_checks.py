@@ -60,10 +60,12 @@ def reduction(value: str) -> str:
     return value
 
 
-def positive_scalar(name: str, value, *, tensor: bool = True) -> Optional[float]:
+def positive_scalar(name: str, value, *, tensor: bool = True, positive: bool = True
+                    ) -> Optional[float]:
     """A float, or a 0-dim floating tensor; its value is checked (and returned) unless that would
     cost a host sync (a CUDA tensor) or a graph break (under torch.compile): None then.
-    tensor=False: a Python number only (a fixed value that gets no gradient), returned as a float."""
+    tensor=False: a Python number only (a fixed value that gets no gradient), returned as a float.
+    positive=False: any finite value (a bias)."""
     if isinstance(value, Tensor) and tensor:
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a 0-dim floating tensor, got {value.dtype} "
@@ -74,8 +76,8 @@ def positive_scalar(name: str, value, *, tensor: bool = True) -> Optional[float]
     elif isinstance(value, bool) or not isinstance(value, Real):
         expected = "a float or a 0-dim tensor" if tensor else "a float (fixed: no gradient)"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not (math.isfinite(value) and (value > 0 or not positive)):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
     return float(value)
 
 
@@ -95,17 +97,29 @@ def inverse_temperature(temperature, like: Tensor, name: str = "temperature", *,
     tensor temperature. A CPU temperature tensor may drive inputs on any device.
     tensor=False: temperature must be a Python float (a fixed one, see positive_scalar)."""
     value = positive_scalar(name, temperature, tensor=tensor)
-    acc = accumulation_dtype(like)
-    largest = torch.finfo(acc).max
+    largest = torch.finfo(accumulation_dtype(like)).max
     if value is not None and 1.0 / value > largest:
         raise ValueError(f"{name} must be >= {1.0 / largest:.3g} so that 1 / {name} is finite in "
-                         f"{acc}, got {value:g}")
+                         f"{accumulation_dtype(like)}, got {value:g}")
     if isinstance(temperature, Tensor):
-        if temperature.device.type != "cpu" and temperature.device != like.device:
+        return 1.0 / scalar_tensor(name, temperature, like)
+    return scalar_tensor(name, 1.0 / value, like)
+
+
+def scalar_tensor(name: str, value, like: Tensor, *, positive: bool = True) -> Tensor:
+    """value (a float or a 0-dim floating tensor, checked as positive_scalar does) as a 0-dim tensor
+    on like's device in like's accumulation dtype, differentiable in a tensor value. A CPU tensor
+    may drive inputs on any device. A float must be finite in that dtype."""
+    checked = positive_scalar(name, value, positive=positive)
+    acc = accumulation_dtype(like)
+    if isinstance(value, Tensor):
+        if value.device.type != "cpu" and value.device != like.device:
             raise ValueError(f"{name} must be on the inputs' device ({like.device}) or the CPU, "
-                             f"got {temperature.device}")
-        return 1.0 / temperature.to(device=like.device, dtype=acc)
-    return torch.full((), 1.0 / value, dtype=acc, device=like.device)
+                             f"got {value.device}")
+        return value.to(device=like.device, dtype=acc)
+    if abs(checked) > torch.finfo(acc).max:
+        raise ValueError(f"{name} must be finite in {acc}, got {checked:g}")
+    return torch.full((), checked, dtype=acc, device=like.device)
 
 
 def count(name: str, value, minimum: int = 1) -> int:

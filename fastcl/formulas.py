@@ -72,6 +72,23 @@ def supcon(features: Tensor, labels: Tensor, temperature: Temperature = 0.1, *,
 
 
 # ----------------------------------------------------------------------------------------------
+# SigLIP (fastcl.losses.siglip): open_clip's SigLipLoss on one process
+# ----------------------------------------------------------------------------------------------
+def siglip(image: Tensor, text: Tensor, scale, bias, *, normalize: bool = True,
+           reduction: str = "mean") -> Tensor:
+    """SigLIP's formula as open_clip's SigLipLoss computes it: dense (N, N) logits
+    scale x y^T + bias, a (N, N) matrix of labels 2 I - 1, -logsigmoid(labels * logits) summed
+    per image (reduction "mean": the total over N)."""
+    x = F.normalize(image, dim=1) if normalize else image
+    y = F.normalize(text, dim=1) if normalize else text
+    logits = scale * x @ y.T + bias
+    n = x.shape[0]
+    labels = 2 * torch.eye(n, device=x.device, dtype=x.dtype) - torch.ones(
+        n, n, device=x.device, dtype=x.dtype)
+    return _reduce(-F.logsigmoid(labels * logits).sum(1), reduction)
+
+
+# ----------------------------------------------------------------------------------------------
 # SimCLR v2's NT-Xent with a memory of negatives (fastcl.losses.simclrv2)
 # ----------------------------------------------------------------------------------------------
 def nt_xent_memory(z1: Tensor, z2: Tensor, memory: Tensor, temperature: float = 0.5, *,

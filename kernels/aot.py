@@ -46,7 +46,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-FAMILIES = ("contrastive", "bank", "dino", "momentum", "sinkhorn")
+FAMILIES = ("contrastive", "bank", "dino", "momentum", "siglip", "sinkhorn")
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 / H200 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,10 +189,21 @@ def _rows(n, d, dtype):
     return torch.randn(n, d).to(dtype)
 
 
+def _operand_kinds(dtypes):
+    """Yields each of dtypes with TF32 off, then float32 with TF32 on: fp32 operands compile as
+    exact fp32 ("ieee"), or as tf32 where torch.backends.cuda.matmul.allow_tf32 is set."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype, tf32 in [(t, False) for t in dtypes] + [(torch.float32, True)]:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            yield dtype
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 def _sweep_contrastive(k):
-    scale, allow_tf32 = torch.tensor(10.0), torch.backends.cuda.matmul.allow_tf32
-    for dtype, tf32 in [(t, False) for t in k.CONFIGS["dtypes"]] + [(torch.float32, True)]:
-        torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 operands: ieee, or tf32 if allowed
+    scale = torch.tensor(10.0)
+    for dtype in _operand_kinds(k.CONFIGS["dtypes"]):
         for d in k.CONFIGS["dims"]:
             a, b = _rows(32, d, dtype), _rows(48, d, dtype)
             la, lb = torch.arange(32), torch.arange(48)
@@ -206,7 +217,6 @@ def _sweep_contrastive(k):
                         col = torch.rand(5, 48 if with_col else 0)
                         k.cross_stats_bwd(a, b, la, lb, scale, 0, has_diag, torch.rand(5, 32),
                                           col, need_dk)
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def _sweep_bank(k):
@@ -247,6 +257,15 @@ def _sweep_momentum(k):
                 k.momentum_update_([t[:size], t[size:]], [o[:size], o[size:]], momentum)
 
 
+def _sweep_siglip(k):
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    for dtype in _operand_kinds(k.CONFIGS["dtypes"]):
+        for d in k.CONFIGS["dims"]:
+            x, y = _rows(32, d, dtype), _rows(48, d, dtype)
+            k.sigmoid_pairs_fwd(x, y, scale, bias, 0)
+            k.sigmoid_pairs_bwd(x, y, scale, bias, 0, torch.rand(32))
+
+
 def _sweep_sinkhorn(k):
     for dtype in k.CONFIGS["dtypes"]:
         scores = torch.randn(64, 48).to(dtype)
@@ -256,7 +275,7 @@ def _sweep_sinkhorn(k):
 
 
 SWEEPS = dict(contrastive=_sweep_contrastive, bank=_sweep_bank, dino=_sweep_dino,
-              momentum=_sweep_momentum, sinkhorn=_sweep_sinkhorn)
+              momentum=_sweep_momentum, siglip=_sweep_siglip, sinkhorn=_sweep_sinkhorn)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Drop-in losses built on the fused ops, as functions and ``nn.Module``s.
 
 One module per op family for the losses several methods share (``contrastive``: NT-Xent,
-InfoNCE, SupCon; ``dino``; ``bank``: the losses over sampled memory-bank rows), and one named
+InfoNCE, SupCon; ``siglip``: SigLIP's sigmoid loss; ``dino``; ``bank``: the losses over sampled memory-bank rows), and one named
 for its method for a loss only that method uses (``invaspread``, ``simclrv2``, ``simsiam``,
 ``triplet``). The papers' formulas they are tested against are in fastcl.formulas.
 """
@@ -16,9 +16,11 @@ from fastcl.losses.contrastive import (
 )
 
 from fastcl.losses.dino import DINOLoss, dino_loss, dino_loss_sinkhorn
+from fastcl.losses.siglip import SigLIPLoss, siglip
 
 __all__ = [
     "DINOLoss", "dino_loss", "dino_loss_sinkhorn",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "info_nce", "nt_xent", "supcon",
     "InstDiscNCELoss", "sampled_info_nce", "sampled_nce",
+    "SigLIPLoss", "siglip",
 ]
