@@ -2,7 +2,7 @@
 constructor arguments, forward signatures, return values and distributed options, computed by
 fastcl's fused losses. Change one import, keep the rest:
 
-    from fastcl.compat.open_clip import ClipLoss           # was: from open_clip.loss import ...
+    from fastcl.compat.open_clip import ClipLoss, SigLipLoss   # was: from open_clip.loss import
     from fastcl.compat.lightly import NTXentLoss, DINOLoss, SwaVLoss, NegativeCosineSimilarity
     from fastcl.compat.pml import NTXentLoss, SupConLoss     # was: pytorch_metric_learning.losses
 
