@@ -65,11 +65,13 @@ MiB = 2**20
 SIZES = {
     "full": dict(ntx_rows=65536, ntx_dims=(128, 256, 1024), ntx_bench=((16384, 128), (65536, 128),
                  (65536, 256)), check_rows=256, queue=(256, 65536, 128), clip=(32768, 256),
-                 supcon=(16384, 128), dino=(12, 2, 32, 65536), dino_bench=(12, 2, 64, 65536),
+                 supcon=(16384, 128), siglip_check=(4096, 256), siglip=(16384, 256),
+                 dino=(12, 2, 32, 65536), dino_bench=(12, 2, 64, 65536),
                  sinkhorn=(4096, 3000), bank=(256, 4096, 128, 100_000), copy_mib=1024,
                  matmul=8192, train=["--epochs", "3", "--batch-size", "256"]),
     "smoke": dict(ntx_rows=96, ntx_dims=(16, 40), ntx_bench=((64, 16),), check_rows=8,
-                  queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), dino=(3, 2, 4, 80),
+                  queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), siglip_check=(40, 16),
+                  siglip=(48, 16), dino=(3, 2, 4, 80),
                   dino_bench=(3, 2, 4, 80), sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
                   matmul=64, train=["--epochs", "1", "--batch-size", "8", "--width", "0.125",
                                     "--proj-hidden", "32"]),
@@ -352,6 +354,19 @@ def check_others(run: Run) -> None:
                                     [3 * torch.randn(crops, b, k), 3 * torch.randn(t_crops, b, k)],
                                     [torch.tensor(1.0, device=dev)]))
 
+    n, d = s["siglip_check"]
+    for dtype in run.dot_dtypes:
+        def fused(image, text, scale, bias):
+            return (fastcl.siglip(image, text, scale, bias),)
+
+        def reference(image, text, scale, bias):
+            return (formulas.siglip(image, text, scale, bias),)
+
+        run.guarded(f"siglip N={n} D={d}", "check", dtype,
+                    lambda: compare(run, f"siglip N={n} D={d}", dtype, fused, reference,
+                                    [torch.randn(n, d), torch.randn(n, d), torch.tensor(10.0),
+                                     torch.tensor(-10.0)], [torch.tensor(1.0, device=dev)]))
+
     rows, cols = s["sinkhorn"]
     for dtype in DTYPES:
         def sk(scores):  # codes get no gradient
@@ -551,6 +566,22 @@ def benchmarks(run: Run) -> None:
           {"fastcl": lambda: fwd_bwd(lambda a: fastcl.supcon(a, labels, 0.1), [x]),
            "naive (SupContrast)": lambda: fwd_bwd(lambda a: formulas.supcon(a, labels, 0.1), [x])},
           flops=6 * n * n * d, nbytes=2 * n * d * 2, deferred=later)
+
+    n, d = s["siglip"]
+    for dtype in (run.half, "fp32"):
+        x, y = (F.normalize(torch.randn(n, d, device=dev), dim=1).to(DTYPES[dtype])
+                .requires_grad_() for _ in range(2))
+        log_scale = torch.tensor(2.3, device=dev, requires_grad=True)
+        bias = torch.tensor(-10.0, device=dev, requires_grad=True)
+        impls = {"fastcl": lambda: fwd_bwd(lambda a, c, t, b: fastcl.siglip(a, c, t.exp(), b),
+                                           [x, y, log_scale, bias]),
+                 "naive (open_clip)": lambda: fwd_bwd(
+                     lambda a, c, t, b: formulas.siglip(a, c, t.exp(), b), [x, y, log_scale, bias])}
+        if use_compile:
+            impls["torch.compile(naive)"] = lambda x=x, y=y, t=log_scale, b=bias: fwd_bwd(
+                compiled(lambda a, c, t, b: formulas.siglip(a, c, t.exp(), b), run), [x, y, t, b])
+        bench(run, f"siglip N={n} D={d}", dtype, impls, flops=3 * 2 * n * n * d,
+              nbytes=4 * n * d * DTYPES[dtype].itemsize, deferred=later)
 
     crops, t_crops, b, k = s["dino_bench"]
     student = torch.randn(crops, b, k, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -146,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_pairs_bwd(const Tensor& x, co
     w_t.sigmoid_();  // d softplus(u) / du
     negate_positives(p, t, w_t);  // d u / d t = -z
     w_t.mul_(g.narrow(0, t.i0, t.tm).unsqueeze(1));
-    dbias_rows.narrow(0, t.i0, t.tm).add_(at::sum_out(part.narrow(0, 0, t.tm), w_t, {1}));
+    Tensor row_sums = part.narrow(0, 0, t.tm);
+    dbias_rows.narrow(0, t.i0, t.tm).add_(at::sum_out(row_sums, w_t, {1}));
     const Tensor x_i = p.x.narrow(0, t.i0, t.tm), y_j = p.y.narrow(0, t.j0, t.tn);
     Tensor part_x = part.narrow(0, 0, t.tm * d).view({t.tm, d});
     dx.narrow(0, t.i0, t.tm).add_(at::mm_out(part_x, w_t, y_j));
