@@ -9,11 +9,16 @@ import torch
 
 
 def test_import_touches_neither_cuda_nor_triton():
+    """Nor do fastcl.compat's adapters import the libraries they stand in for."""
     code = (
         "import sys, torch, fastcl\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'\n"
         "assert 'triton' not in sys.modules, 'triton imported at import'\n"
         "assert 'fastcl._C' not in sys.modules, 'extension loaded at import'\n"
+        "import fastcl.compat.open_clip, fastcl.compat.lightly, fastcl.compat.pml\n"
+        "peers = [m for m in ('open_clip', 'lightly', 'pytorch_metric_learning', 'triton')\n"
+        "         if m in sys.modules]\n"
+        "assert not peers, f'the adapters imported {peers}'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

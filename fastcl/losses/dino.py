@@ -29,22 +29,24 @@ CENTERINGS = ("ema", "sinkhorn")
 Temperature = Union[float, Tensor]
 
 
-def _check_crops(student: Tensor, teacher: Tensor) -> None:
-    """student (S, B, K) and teacher (T, B, K) logits, T <= S, S >= 2."""
+def _check_crops(student: Tensor, teacher: Tensor, name: str = "teacher") -> None:
+    """student (S, B, K) and teacher (T, B, K) (logits, or codes named `name`), T <= S, S >= 2;
+    same dtype unless they are codes."""
     _checks.embeddings("student", student, ndim=3)
-    _checks.embeddings("teacher", teacher, ndim=3)
-    _checks.same_dtype(student=student, teacher=teacher)
-    _checks.same_device(student=student, teacher=teacher)
+    _checks.embeddings(name, teacher, ndim=3)
+    if name == "teacher":
+        _checks.same_dtype(student=student, teacher=teacher)
+    _checks.same_device(**{"student": student, name: teacher})
     s, b, k = student.shape
     t = teacher.shape[0]
     if t > s:
-        raise ValueError(f"teacher has T = {t} crops but student only S = {s}: the teacher's crops "
+        raise ValueError(f"{name} has T = {t} crops but student only S = {s}: the {name}'s crops "
                          f"must be the student's first T crops (T <= S)")
     if s < 2:
-        raise ValueError(f"student needs S >= 2 crops so that every teacher crop has a student "
+        raise ValueError(f"student needs S >= 2 crops so that every {name} crop has a student "
                          f"crop to pair with, got shape {tuple(student.shape)}")
     if teacher.shape[1:] != (b, k):
-        raise ValueError(f"teacher must have shape (T, B, K) with B = {b}, K = {k} as student, got "
+        raise ValueError(f"{name} must have shape (T, B, K) with B = {b}, K = {k} as student, got "
                          f"{tuple(teacher.shape)}")
 
 
@@ -108,12 +110,23 @@ def dino_loss_sinkhorn(
     t, b, k = teacher.shape
     codes = sinkhorn(teacher.detach().reshape(t * b, k), epsilon=float(teacher_temp),
                      iterations=iterations, gather=True)
+    return codes_cross_entropy(student, codes.view(t, b, k), student_temp)
+
+
+def codes_cross_entropy(student: Tensor, codes: Tensor, student_temp: Temperature = 0.1) -> Tensor:
+    """DINO's pairing with fixed targets: student (S, B, K) logits, codes (T, B, K) whose rows sum
+    to 1 (Sinkhorn-Knopp codes, the targets of the student's first T crops). Returns the fp32 mean
+    over the (t, s != t) pairs of  mean_b -sum_k codes_t,k * log_softmax(student_s /
+    student_temp)_k; only student gets a gradient. DINOv2's Sinkhorn centering and SwAV's swapped
+    prediction are this loss."""
+    _check_crops(student, codes, "codes")
     # The op's teacher softmax of log(codes) at temperature 1 is the codes themselves (rows sum
     # to 1); the floor keeps underflowed codes finite. 16-bit students are upcast: the log-codes
     # would lose their precision in 16 bits.
     dtype = torch.promote_types(student.dtype, codes.dtype)
-    targets = codes.clamp_min(torch.finfo(codes.dtype).tiny).log().view(t, b, k).to(dtype)
-    return dino_loss(student.to(dtype), targets, targets.new_zeros(k), student_temp, 1.0)
+    targets = codes.detach().clamp_min(torch.finfo(codes.dtype).tiny).log().to(dtype)
+    return dino_loss(student.to(dtype), targets, targets.new_zeros(codes.shape[-1]), student_temp,
+                     1.0)
 
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
@@ -198,13 +211,20 @@ class DINOLoss(nn.Module):
         self.update_center(teacher)
         return loss
 
-    @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
         """center <- m * center + (1 - m) * mean of teacher's rows over every rank."""
-        rows = teacher.reshape(-1, teacher.shape[-1])
-        batch_center = rows.sum(dim=0, keepdim=True, dtype=self.center.dtype)
-        _, size = world()
-        if size > 1:
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / (rows.shape[0] * size)
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        update_center_(self.center, teacher, self.center_momentum)
+
+
+@torch.no_grad()
+def update_center_(center: Tensor, teacher: Tensor, momentum: float) -> None:
+    """In place: center (..., K) <- momentum * center + (1 - momentum) * the mean of teacher's
+    rows (*, K), all-reduced over ranks when torch.distributed is initialized; the mean is summed
+    in the center's dtype (fp32), where the official code sums in the teacher's."""
+    rows = teacher.reshape(-1, teacher.shape[-1])
+    batch_center = rows.sum(dim=0, dtype=center.dtype)
+    _, size = world()
+    if size > 1:
+        dist.all_reduce(batch_center)
+    batch_center = batch_center / (rows.shape[0] * size)
+    center.mul_(momentum).add_(batch_center * (1 - momentum))
