@@ -433,16 +433,18 @@ Tensor dino_cross_entropy_bwd(const Tensor& student, const Tensor& teacher, cons
 // The head fused with the loss: dino_head_fwd / dino_head_bwd (contract in
 // fastcl/ops/dino_head.py)
 // ---------------------------------------------------------------------------------------------
-// Logits x = student W_s^T (S B, K) and u = teacher W_t^T - c (T B, K) are computed kTile columns
-// at a time by at::mm (BLAS: the products are most of the work, (S + T) B H K multiply-adds per
-// pass, and a BLAS GEMM runs them several times faster than a hand-written loop over H), and each
-// tile is reduced by the kernels above at once, while it is in cache: forward merges the tile's
+// Logits x = student W_s^T (S B, K) and u = teacher W_t^T - c (T B, K) are computed a tile of
+// columns at a time by at::mm: the products are most of the work ((S + T) B H K multiply-adds per
+// pass against O((S + T) B K) for the reductions), and BLAS runs them at its full speed on tiles
+// as wide as these. Each tile is then reduced by the kernels above: forward merges the tile's
 // per-sample online states; backward turns the tile into its logit gradient g in place and adds
 // g W_s to d student and writes g^T student as the tile's rows of d W_s.
 
-// Columns per tile: (S + T) B kTile fp32 logits (6 MiB at S + T = 12, B = 64), and enough columns
-// per product for BLAS to run at full speed.
-constexpr int64_t kTile = 2048;
+// Logits per tile, (S + T) B rows times a multiple of kChunk columns: 16 MiB of fp32 (5120
+// columns at S + T = 12, B = 64), against 200 MiB for all of them. Products much narrower run
+// BLAS markedly slower (at S B = 640, H = 256: 2048 columns took 1.5-2x the time of one
+// untiled product on the 2-core test machine, 8192 to 16384 columns about the same time).
+constexpr int64_t kTileElements = int64_t(1) << 22;
 
 struct HeadProblem {
   Tensor student, teacher;  // (S B, H), (T B, H) float32, contiguous
@@ -451,6 +453,8 @@ struct HeadProblem {
   int64_t S, T, B, H, K;
   float ss, ts;
   bool diagonal;
+  int64_t tile;  // columns per tile
+
 
   /// Rows [k0, k0 + n) of a weight as float32.
   static Tensor rows(const Tensor& w, int64_t k0, int64_t n) {
@@ -498,7 +502,8 @@ HeadProblem make_head_problem(const Tensor& student, const Tensor& teacher,
           S, T, B, H, K,
           fastcl::read_scale(student_scale, "student_scale"),
           fastcl::read_scale(teacher_scale, "teacher_scale"),
-          diagonal};
+          diagonal,
+          std::max<int64_t>(1, kTileElements / ((S + T) * B * kChunk)) * kChunk};
 }
 
 /// The logits of columns [k0, k0 + n): (x (S B, n), u + c (T B, n)), float32 contiguous.
@@ -515,8 +520,8 @@ std::tuple<Tensor, Tensor, Tensor> dino_head_fwd(
                                           student_scale, teacher_scale, row_weight, diagonal);
   std::vector<State> states(p.B, State(p.S, p.T));
   const float* c = p.center.data_ptr<float>();
-  for (int64_t k0 = 0; k0 < p.K; k0 += kTile) {
-    const int64_t n = std::min(kTile, p.K - k0);
+  for (int64_t k0 = 0; k0 < p.K; k0 += p.tile) {
+    const int64_t n = std::min(p.tile, p.K - k0);
     const auto [x, u] = tile_logits(p, k0, n);
     const float* xs = x.data_ptr<float>();
     const float* us = u.data_ptr<float>();
@@ -585,8 +590,8 @@ std::tuple<Tensor, Tensor> dino_head_bwd(
                                                                   p.student_weight.options());
   const bool float_weight = p.student_weight.scalar_type() == at::kFloat;
   const float* c = p.center.data_ptr<float>();
-  for (int64_t k0 = 0; k0 < p.K; k0 += kTile) {
-    const int64_t n = std::min(kTile, p.K - k0);
+  for (int64_t k0 = 0; k0 < p.K; k0 += p.tile) {
+    const int64_t n = std::min(p.tile, p.K - k0);
     const Tensor ws = HeadProblem::rows(p.student_weight, k0, n);
     Tensor x = at::mm(p.student, ws.t());
     const Tensor u = at::mm(p.teacher, HeadProblem::rows(p.teacher_weight, k0, n).t());

@@ -71,9 +71,11 @@ def check(device, dtype, inputs, loss_tol=None, grad_tol=None, **kwargs):
 
 # --- DINO: against the official formula on the head's logits ----------------------------------
 @pytest.mark.parametrize("s,t,b,h,k", [(2, 2, 1, 1, 1), (3, 2, 3, 7, 33), (10, 2, 5, 16, 300),
-                                       (4, 1, 2, 9, 1000), (3, 2, 2, 24, 4500)])
+                                       (4, 1, 2, 9, 1000), (3, 2, 2, 24, 4500),
+                                       (2, 1, 2100, 8, 2100)])
 def test_loss_and_gradients(backend, s, t, b, h, k):
-    """K = 4500: three of the C++ kernels' tiles of 2048 columns, the last a partial one."""
+    """K = 4500: several of the C++ kernels' chunks of 1024 columns; (S + T) B = 6300 rows: three
+    of its tiles (4M logits, whole chunks: 1024 columns here), the last a partial one."""
     check(backend, torch.float32, head_inputs(s, t, b, h, k, logit_scale=5.0),
           temps=(0.1, 0.04))
 
