@@ -516,8 +516,9 @@ std::tuple<Tensor, Tensor, Tensor> dino_head_fwd(
     const Tensor& student, const Tensor& teacher, const Tensor& student_weight,
     const Tensor& teacher_weight, const Tensor& center, const Tensor& student_scale,
     const Tensor& teacher_scale, const Tensor& row_weight, bool diagonal) {
-  const HeadProblem p = make_head_problem(student, teacher, student_weight, teacher_weight, center,
-                                          student_scale, teacher_scale, row_weight, diagonal);
+  const HeadProblem p =
+      make_head_problem(student, teacher, student_weight, teacher_weight, center, student_scale,
+                        teacher_scale, row_weight, diagonal);
   std::vector<State> states(p.B, State(p.S, p.T));
   const float* c = p.center.data_ptr<float>();
   for (int64_t k0 = 0; k0 < p.K; k0 += p.tile) {
@@ -568,8 +569,9 @@ std::tuple<Tensor, Tensor> dino_head_bwd(
     const Tensor& teacher_weight, const Tensor& center, const Tensor& student_scale,
     const Tensor& teacher_scale, const Tensor& row_weight, bool diagonal,
     const Tensor& student_stats, const Tensor& teacher_stats, const Tensor& grad) {
-  const HeadProblem p = make_head_problem(student, teacher, student_weight, teacher_weight, center,
-                                          student_scale, teacher_scale, row_weight, diagonal);
+  const HeadProblem p =
+      make_head_problem(student, teacher, student_weight, teacher_weight, center, student_scale,
+                        teacher_scale, row_weight, diagonal);
   TORCH_CHECK(student_stats.sizes() == at::IntArrayRef({2, p.S, p.B}),
               "dino_head_bwd: student_stats must have shape (2, S, B), got ",
               student_stats.sizes());

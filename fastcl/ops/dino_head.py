@@ -299,7 +299,8 @@ def sinkhorn_center_tiled(teacher: Tensor, teacher_weight: Tensor, epsilon: floa
         for k0, k1 in tiles:  # online log-sum-exp of each row over K
             z = (tile(k0, k1) - center[k0:k1]) * inv_eps
             new_max = torch.maximum(row_max, z.amax(1))
-            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+            row_sum = (row_sum * torch.exp(row_max - new_max)
+                       + torch.exp(z - new_max[:, None]).sum(1))
             row_max = new_max
         row_lse = row_max + row_sum.log()
         col_sum = torch.empty(k, dtype=acc, device=y.device)
