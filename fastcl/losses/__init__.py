@@ -3,7 +3,8 @@
 One module per op family for the losses several methods share (``contrastive``: NT-Xent,
 InfoNCE, SupCon; ``dino``, with ``dino_head`` fusing the head's last layer; ``bank``: the losses
 over sampled memory-bank rows), and one named for its method for a loss only that method uses
-(``invaspread``, ``simclrv2``, ``simsiam``, ``triplet``). The papers' formulas they are tested against are in fastcl.formulas.
+(``invaspread``, ``simclrv2``, ``simsiam``, ``triplet``). The papers' formulas they are tested
+against are in fastcl.formulas.
 """
 from fastcl.losses.bank import InstDiscNCELoss, sampled_info_nce, sampled_nce
 from fastcl.losses.contrastive import (
