@@ -87,8 +87,8 @@ def test_wheel_holds_every_module(tmp_path):
 # --- backends registered with the dispatcher ---------------------------------------------------
 OPS = ["gram_contrastive", "gram_contrastive_backward", "cross_contrastive",
        "cross_contrastive_backward", "bank_lse", "ring_enqueue_", "bank_update_", "sampled_lse",
-       "sampled_lse_backward", "dino_cross_entropy", "dino_cross_entropy_backward", "sinkhorn",
-       "momentum_update_"]
+       "sampled_lse_backward", "dino_cross_entropy", "dino_cross_entropy_backward",
+       "head_cross_entropy", "head_cross_entropy_backward", "sinkhorn", "momentum_update_"]
 
 
 class _Spy:
@@ -104,7 +104,7 @@ class _Spy:
 
 def _op_case(name: str, dtype):
     """(custom op, its arguments in `dtype`, the launcher it calls first on the C++ backend)."""
-    from fastcl.ops import bank, contrastive, dino, momentum, sinkhorn
+    from fastcl.ops import bank, contrastive, dino, dino_head, momentum, sinkhorn
 
     def x(*shape):
         return torch.nn.functional.normalize(torch.randn(*shape, dtype=dtype), dim=-1)
@@ -123,6 +123,9 @@ def _op_case(name: str, dtype):
                           (x(4, 3), torch.tensor(3), torch.tensor(3), x(2, 3)), "ring_enqueue"),
         "dino_cross_entropy": (dino.dino_cross_entropy, (x(3, 2, 5), x(2, 2, 5), x(5), scale, scale),
                                "dino_cross_entropy_fwd"),
+        "head_cross_entropy": (dino_head.head_cross_entropy,
+                               (x(3, 2, 4), x(2, 2, 4), x(5, 4), x(5, 4), x(5), scale, scale,
+                                x(2), False), "dino_head_fwd"),
         "sinkhorn": (sinkhorn._sinkhorn, (x(6, 5), 0.5, 3, False), "sinkhorn_init_fwd"),
         "momentum_update_": (momentum._momentum_update_,
                              ([x(3, 2)], [x(3, 2)], torch.tensor(0.9)), "momentum_update_"),
@@ -156,8 +159,8 @@ def test_dino_op_does_not_share_the_public_name():
 
 
 @pytest.mark.parametrize("name", ["gram_contrastive", "bank_lse", "sampled_lse", "bank_update_",
-                                  "ring_enqueue_", "dino_cross_entropy", "sinkhorn",
-                                  "momentum_update_"])
+                                  "ring_enqueue_", "dino_cross_entropy", "head_cross_entropy",
+                                  "sinkhorn", "momentum_update_"])
 def test_cpu_float32_runs_cpp_and_float64_the_reference(name, monkeypatch):
     """The dispatcher sends CPU tensors to the registered CPU kernel: float32 reaches the C++
     launcher; float64, cpu_backend("reference") and the CPU kernel switched off run the op's body

@@ -29,9 +29,9 @@ CENTERINGS = ("ema", "sinkhorn")
 Temperature = Union[float, Tensor]
 
 
-def _check_crops(student: Tensor, teacher: Tensor, name: str = "teacher") -> None:
-    """student (S, B, K) and teacher (T, B, K) (logits, or codes named `name`), T <= S, S >= 2;
-    same dtype unless they are codes."""
+def _check_crops(student: Tensor, teacher: Tensor, name: str = "teacher", last: str = "K") -> None:
+    """student (S, B, K) and teacher (T, B, K) (logits, codes named `name`, or features with
+    last="H"), T <= S, S >= 2; same dtype unless they are codes."""
     _checks.embeddings("student", student, ndim=3)
     _checks.embeddings(name, teacher, ndim=3)
     if name == "teacher":
@@ -46,8 +46,8 @@ def _check_crops(student: Tensor, teacher: Tensor, name: str = "teacher") -> Non
         raise ValueError(f"student needs S >= 2 crops so that every {name} crop has a student "
                          f"crop to pair with, got shape {tuple(student.shape)}")
     if teacher.shape[1:] != (b, k):
-        raise ValueError(f"{name} must have shape (T, B, K) with B = {b}, K = {k} as student, got "
-                         f"{tuple(teacher.shape)}")
+        raise ValueError(f"{name} must have shape (T, B, {last}) with B = {b}, {last} = {k} as "
+                         f"student, got {tuple(teacher.shape)}")
 
 
 def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
@@ -211,20 +211,41 @@ class DINOLoss(nn.Module):
         self.update_center(teacher)
         return loss
 
-    def update_center(self, teacher: Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of teacher's rows over every rank."""
-        update_center_(self.center, teacher, self.center_momentum)
+    def update_center(self, teacher: Tensor, teacher_weight: Optional[Tensor] = None) -> None:
+        """center <- m * center + (1 - m) * teacher_mean(teacher, teacher_weight) over every rank:
+        the teacher's (T, B, K) logits, or its (..., H) features with its prototypes
+        teacher_weight (K, H)."""
+        update_center_(self.center, teacher, self.center_momentum, teacher_weight)
 
 
 @torch.no_grad()
-def update_center_(center: Tensor, teacher: Tensor, momentum: float) -> None:
-    """In place: center (..., K) <- momentum * center + (1 - momentum) * the mean of teacher's
-    rows (*, K), all-reduced over ranks when torch.distributed is initialized; the mean is summed
-    in the center's dtype (fp32), where the official code sums in the teacher's."""
-    rows = teacher.reshape(-1, teacher.shape[-1])
-    batch_center = rows.sum(dim=0, dtype=center.dtype)
-    _, size = world()
-    if size > 1:
-        dist.all_reduce(batch_center)
-    batch_center = batch_center / (rows.shape[0] * size)
+def update_center_(center: Tensor, teacher: Tensor, momentum: float,
+                   teacher_weight: Optional[Tensor] = None) -> None:
+    """In place: center (..., K) <- momentum * center + (1 - momentum) * teacher_mean(teacher,
+    teacher_weight), the mean over every rank's rows when torch.distributed is initialized."""
+    batch_center = teacher_mean(teacher, teacher_weight).to(center.dtype)
     center.mul_(momentum).add_(batch_center * (1 - momentum))
+
+
+@torch.no_grad()
+def teacher_mean(teacher: Tensor, teacher_weight: Optional[Tensor] = None, *,
+                 gather: bool = True) -> Tensor:
+    """The mean of the teacher's logit rows, (1, K) float32 (float64 for float64 inputs): what
+    DINO's (and iBOT's) running center moves towards. teacher: (..., K) logits; or (..., H)
+    features with teacher_weight (K, H) the prototypes, when the logits (teacher W^T) are never
+    materialized (fastcl.dino_head_loss): they are linear in the features, so their mean is
+    mean(features) W^T, a (1, H) x (H, K) product. gather=True averages over every rank's rows
+    under torch.distributed (each rank passing the same number), as the official code does; it
+    sums in fp32 where the official code sums in the teacher's dtype."""
+    acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    rows = teacher.reshape(-1, teacher.shape[-1])
+    total = rows.sum(dim=0, keepdim=True, dtype=acc)
+    if teacher_weight is not None:
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != rows.shape[1]:
+            raise ValueError(f"teacher_weight must have shape (K, {rows.shape[1]}) for teacher "
+                             f"features (..., {rows.shape[1]}), got {tuple(teacher_weight.shape)}")
+        total = total @ teacher_weight.to(acc).T
+    _, size = world()
+    if gather and size > 1:
+        dist.all_reduce(total)
+    return total / (rows.shape[0] * (size if gather else 1))
