@@ -17,6 +17,7 @@ from fastcl.losses import (
     supcon,
 )
 
+from fastcl.ops.koleo import koleo
 from fastcl.ops.momentum import cosine_schedule, momentum_update
 from fastcl.ops.sinkhorn import sinkhorn
 from fastcl.memory import MemoryBank, Queue
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DINOLoss", "dino_loss", "dino_loss_sinkhorn",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
-    "info_nce", "nt_xent", "sinkhorn", "supcon",
+    "info_nce", "koleo", "nt_xent", "sinkhorn", "supcon",
     "InstDiscNCELoss", "MemoryBank", "Queue", "sampled_info_nce", "sampled_nce",
 ]
