@@ -84,6 +84,19 @@ def _koleo_nn_kernel(
 
 
 @triton.jit
+def _pair_slices(x_ptr, rows, nb, k0, B, D, stride_b, stride_d, BLOCK_D: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_D of the rows and of their neighbours, fp32 (0 outside), and
+    where they are inside."""
+    ks = k0 + tl.arange(0, BLOCK_D)
+    mask = (rows < B)[:, None] & (ks[None, :] < D)
+    xi = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_b
+                 + ks[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0).to(tl.float32)
+    xj = tl.load(x_ptr + nb[:, None] * stride_b + ks[None, :].to(tl.int64) * stride_d,
+                 mask=mask, other=0.0).to(tl.float32)
+    return xi, xj, mask
+
+
+@triton.jit
 def _koleo_terms_kernel(
     x_ptr,  # (B, D)
     neighbour_ptr,  # (B,) int64
@@ -92,33 +105,22 @@ def _koleo_terms_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    nb = tl.load(neighbour_ptr + rows, mask=row_ok, other=0)
-    # Pass 1: both rows' squared norms and their inner product; pass 2: ||n_i - n_j + eps||^2.
+    nb = tl.load(neighbour_ptr + rows, mask=rows < B, other=0)
+    # Pass 1: both rows' squared norms; pass 2: ||n_i - n_j + eps||^2.
     sq_i = tl.zeros((BLOCK_M,), tl.float32)
     sq_j = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (ks[None, :] < D)
-        xi = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_b
-                     + ks[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0).to(tl.float32)
-        xj = tl.load(x_ptr + nb[:, None] * stride_b + ks[None, :].to(tl.int64) * stride_d,
-                     mask=mask, other=0.0).to(tl.float32)
+        xi, xj, _ = _pair_slices(x_ptr, rows, nb, k0, B, D, stride_b, stride_d, BLOCK_D)
         sq_i += tl.sum(xi * xi, 1)
         sq_j += tl.sum(xj * xj, 1)
     inv_i = 1.0 / tl.maximum(tl.sqrt(sq_i), eps)
     inv_j = 1.0 / tl.maximum(tl.sqrt(sq_j), eps)
     dist2 = tl.zeros((BLOCK_M,), tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (ks[None, :] < D)
-        xi = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_b
-                     + ks[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0).to(tl.float32)
-        xj = tl.load(x_ptr + nb[:, None] * stride_b + ks[None, :].to(tl.int64) * stride_d,
-                     mask=mask, other=0.0).to(tl.float32)
+        xi, xj, mask = _pair_slices(x_ptr, rows, nb, k0, B, D, stride_b, stride_d, BLOCK_D)
         r = tl.where(mask, xi * inv_i[:, None] - xj * inv_j[:, None] + eps, 0.0)
         dist2 += tl.sum(r * r, 1)
-    tl.store(terms_ptr + rows, tl.log(tl.sqrt(dist2) + eps), mask=row_ok)
+    tl.store(terms_ptr + rows, tl.log(tl.sqrt(dist2) + eps), mask=rows < B)
 
 
 @triton.jit
