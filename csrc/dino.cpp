@@ -39,7 +39,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -324,6 +326,65 @@ bool finite_stats(const float* stats, int64_t rows, int64_t B, int64_t b) {
   return true;
 }
 
+/// Gradient of sample b's columns [k0, k0 + n) of the logits, n <= kChunk, into out (rows at
+/// out + (s * B + b) * out_stride + k0; may be student itself for float): d x_s = coef (n_s q_s -
+/// sum_{t paired with s} p_t), every t paired with s when diagonal, else every t != s.
+/// buf: (T + 3) kChunk floats.
+template <typename scalar_t>
+void grad_chunk(const scalar_t* student, const scalar_t* teacher, const float* center, int64_t S,
+                int64_t T, int64_t B, int64_t stride, int64_t b, int64_t k0, int64_t n, float ss,
+                float ts, const float* s_stats, const float* t_stats, float coef, bool diagonal,
+                scalar_t* out, int64_t out_stride, float* buf) {
+  float* probs = buf;
+  float* total = buf + T * kChunk;
+  float* x = total + kChunk;
+  float* g = x + kChunk;
+  const auto dst = [&](int64_t s) { return out + (s * B + b) * out_stride + k0; };
+  if (!finite_stats(s_stats, S, B, b) || !finite_stats(t_stats, T, B, b)) {
+    for (int64_t s = 0; s < S; ++s) std::fill(dst(s), dst(s) + n, scalar_t(kNaN));
+    return;
+  }
+  // p_t = exp((x_t - c - m_t) ts - log l_t) into probs, and total = sum_t p_t.
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = as_float(row_ptr(teacher, t, b, B, stride) + k0, x, n);
+    const Vec vm(t_stats[t * B + b]), vlog(t_stats[(T + t) * B + b]), vts(ts);
+    float* pt = probs + t * kChunk;
+    at::vec::map2([=](Vec v, Vec c) { return at::vec::fmsub(v - c - vm, vts, vlog).exp_u20(); },
+                  pt, xt, center + k0, n);
+    if (t == 0) {
+      std::copy(pt, pt + n, total);
+    } else {
+      at::vec::map2([](Vec a, Vec q) { return a + q; }, total, total, pt, n);
+    }
+  }
+  // d x_s = coef (n_s q_s - (total - own)), q_s = exp((x_s - m_s) ss - log l_s),
+  // own = p_s for s < T unless diagonal: one sweep per row, written straight to the output for
+  // float.
+  for (int64_t s = 0; s < S; ++s) {
+    const bool excluded = !diagonal && s < T;
+    const float* xs = as_float(row_ptr(student, s, b, B, stride) + k0, x, n);
+    const Vec vm(s_stats[s * B + b]), vlog(s_stats[(S + s) * B + b]), vss(ss);
+    const Vec vn(float(T - (excluded ? 1 : 0))), vcoef(coef);
+    const auto grad = [=](Vec v, Vec rest) {
+      return vcoef * at::vec::fmsub(vn, at::vec::fmsub(v - vm, vss, vlog).exp_u20(), rest);
+    };
+    float* gs = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      gs = dst(s);
+    } else {
+      gs = g;
+    }
+    if (excluded) {
+      const float* own = probs + s * kChunk;
+      at::vec::map3([=](Vec v, Vec tot, Vec mine) { return grad(v, tot - mine); }, gs, xs, total,
+                    own, n);
+    } else {
+      at::vec::map2(grad, gs, xs, total, n);
+    }
+    if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(g, dst(s), n);
+  }
+}
+
 template <typename scalar_t>
 void backward_impl(const Problem& p, const float* s_stats, const float* t_stats, float coef,
                    scalar_t* out) {
@@ -333,53 +394,12 @@ void backward_impl(const Problem& p, const float* s_stats, const float* t_stats,
   const int64_t chunks = (p.K + kChunk - 1) / kChunk;
   // Items are (sample, chunk): every column is independent once the stats are known.
   at::parallel_for(0, p.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probs(p.T * kChunk), total(kChunk), x(kChunk), g(kChunk);
+    std::vector<float> buf((p.T + 3) * kChunk);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks, k0 = (item % chunks) * kChunk;
-      const int64_t n = std::min(kChunk, p.K - k0);
-      const auto dst = [&](int64_t s) { return out + (s * p.B + b) * p.K + k0; };
-      if (!finite_stats(s_stats, p.S, p.B, b) || !finite_stats(t_stats, p.T, p.B, b)) {
-        for (int64_t s = 0; s < p.S; ++s) std::fill(dst(s), dst(s) + n, scalar_t(kNaN));
-        continue;
-      }
-      // p_t = exp((x_t - c - m_t) ts - log l_t) into probs, and total = sum_t p_t.
-      for (int64_t t = 0; t < p.T; ++t) {
-        const float* xt = as_float(row_ptr(teacher, t, b, p.B, p.K) + k0, x.data(), n);
-        const Vec vm(t_stats[t * p.B + b]), vlog(t_stats[(p.T + t) * p.B + b]), vts(p.ts);
-        float* pt = probs.data() + t * kChunk;
-        at::vec::map2(
-            [=](Vec v, Vec c) { return at::vec::fmsub(v - c - vm, vts, vlog).exp_u20(); }, pt,
-            xt, center + k0, n);
-        if (t == 0) {
-          std::copy(pt, pt + n, total.begin());
-        } else {
-          at::vec::map2([](Vec a, Vec q) { return a + q; }, total.data(), total.data(), pt, n);
-        }
-      }
-      // d x_s = coef (n_s q_s - (total - own)), q_s = exp((x_s - m_s) ss - log l_s),
-      // own = p_s for s < T: one sweep per row, written straight to the output for float.
-      for (int64_t s = 0; s < p.S; ++s) {
-        const float* xs = as_float(row_ptr(student, s, b, p.B, p.K) + k0, x.data(), n);
-        const Vec vm(s_stats[s * p.B + b]), vlog(s_stats[(p.S + s) * p.B + b]), vss(p.ss);
-        const Vec vn(float(p.T - (s < p.T ? 1 : 0))), vcoef(coef);
-        const auto grad = [=](Vec v, Vec rest) {
-          return vcoef * at::vec::fmsub(vn, at::vec::fmsub(v - vm, vss, vlog).exp_u20(), rest);
-        };
-        float* gs = nullptr;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          gs = dst(s);
-        } else {
-          gs = g.data();
-        }
-        if (s < p.T) {
-          const float* own = probs.data() + s * kChunk;
-          at::vec::map3([=](Vec v, Vec tot, Vec mine) { return grad(v, tot - mine); }, gs, xs,
-                        total.data(), own, n);
-        } else {
-          at::vec::map2(grad, gs, xs, total.data(), n);
-        }
-        if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(g.data(), dst(s), n);
-      }
+      grad_chunk(student, teacher, center, p.S, p.T, p.B, p.K, b, k0,
+                 std::min(kChunk, p.K - k0), p.ss, p.ts, s_stats, t_stats, coef, false, out, p.K,
+                 buf.data());
     }
   });
 }
@@ -409,6 +429,190 @@ Tensor dino_cross_entropy_bwd(const Tensor& student, const Tensor& teacher, cons
   return dstudent;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The head fused with the loss: dino_head_fwd / dino_head_bwd (contract in
+// fastcl/ops/dino_head.py)
+// ---------------------------------------------------------------------------------------------
+// Logits x = student W_s^T (S B, K) and u = teacher W_t^T - c (T B, K) are computed kTile columns
+// at a time by at::mm (BLAS: the products are most of the work, (S + T) B H K multiply-adds per
+// pass, and a BLAS GEMM runs them several times faster than a hand-written loop over H), and each
+// tile is reduced by the kernels above at once, while it is in cache: forward merges the tile's
+// per-sample online states; backward turns the tile into its logit gradient g in place and adds
+// g W_s to d student and writes g^T student as the tile's rows of d W_s.
+
+// Columns per tile: (S + T) B kTile fp32 logits (6 MiB at S + T = 12, B = 64), and enough columns
+// per product for BLAS to run at full speed.
+constexpr int64_t kTile = 2048;
+
+struct HeadProblem {
+  Tensor student, teacher;  // (S B, H), (T B, H) float32, contiguous
+  Tensor student_weight, teacher_weight;  // (K, H), the inputs' dtype
+  Tensor center, row_weight;  // (K,), (B,) float32
+  int64_t S, T, B, H, K;
+  float ss, ts;
+  bool diagonal;
+
+  /// Rows [k0, k0 + n) of a weight as float32.
+  static Tensor rows(const Tensor& w, int64_t k0, int64_t n) {
+    return w.narrow(0, k0, n).to(at::kFloat);
+  }
+};
+
+HeadProblem make_head_problem(const Tensor& student, const Tensor& teacher,
+                              const Tensor& student_weight, const Tensor& teacher_weight,
+                              const Tensor& center, const Tensor& student_scale,
+                              const Tensor& teacher_scale, const Tensor& row_weight,
+                              bool diagonal) {
+  fastcl::require_avx2("DINO head");
+  using Named = std::pair<const Tensor*, const char*>;
+  for (const auto& [x, name] : std::initializer_list<Named>{
+           {&student, "student"}, {&teacher, "teacher"}, {&student_weight, "student_weight"},
+           {&teacher_weight, "teacher_weight"}}) {
+    fastcl::check_cpu_float(*x, name);
+    TORCH_CHECK(x->scalar_type() == student.scalar_type(), "dino_head: ", name,
+                " must have student's dtype ", student.scalar_type(), ", got ", x->scalar_type());
+  }
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3 && student_weight.dim() == 2 &&
+                  teacher_weight.dim() == 2,
+              "dino_head: expected student (S, B, H), teacher (T, B, H), weights (K, H), got ",
+              student.sizes(), ", ", teacher.sizes(), ", ", student_weight.sizes(), ", ",
+              teacher_weight.sizes());
+  const int64_t S = student.size(0), T = teacher.size(0), B = student.size(1),
+                H = student.size(2), K = student_weight.size(0);
+  TORCH_CHECK(1 <= T && T <= S && (diagonal || S >= 2) && teacher.size(1) == B &&
+                  teacher.size(2) == H && student_weight.size(1) == H &&
+                  teacher_weight.sizes() == student_weight.sizes() && B >= 1 && H >= 1 && K >= 1,
+              "dino_head: expected student (S, B, H), teacher (T, B, H) with 1 <= T <= S (S >= 2 "
+              "unless diagonal), weights (K, H), got ", student.sizes(), ", ", teacher.sizes(),
+              ", ", student_weight.sizes(), ", ", teacher_weight.sizes());
+  TORCH_CHECK(center.numel() == K, "dino_head: center must have K = ", K, " elements, got ",
+              center.sizes());
+  TORCH_CHECK(row_weight.numel() == B, "dino_head: row_weight must have B = ", B,
+              " elements, got ", row_weight.sizes());
+  return {fastcl::contiguous_float(student.reshape({S * B, H}), "student"),
+          fastcl::contiguous_float(teacher.reshape({T * B, H}), "teacher"),
+          student_weight.contiguous(),
+          teacher_weight.contiguous(),
+          fastcl::contiguous_float(center.reshape({K}), "center"),
+          fastcl::contiguous_float(row_weight.reshape({B}), "row_weight"),
+          S, T, B, H, K,
+          fastcl::read_scale(student_scale, "student_scale"),
+          fastcl::read_scale(teacher_scale, "teacher_scale"),
+          diagonal};
+}
+
+/// The logits of columns [k0, k0 + n): (x (S B, n), u + c (T B, n)), float32 contiguous.
+std::pair<Tensor, Tensor> tile_logits(const HeadProblem& p, int64_t k0, int64_t n) {
+  return {at::mm(p.student, HeadProblem::rows(p.student_weight, k0, n).t()),
+          at::mm(p.teacher, HeadProblem::rows(p.teacher_weight, k0, n).t())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dino_head_fwd(
+    const Tensor& student, const Tensor& teacher, const Tensor& student_weight,
+    const Tensor& teacher_weight, const Tensor& center, const Tensor& student_scale,
+    const Tensor& teacher_scale, const Tensor& row_weight, bool diagonal) {
+  const HeadProblem p = make_head_problem(student, teacher, student_weight, teacher_weight, center,
+                                          student_scale, teacher_scale, row_weight, diagonal);
+  std::vector<State> states(p.B, State(p.S, p.T));
+  const float* c = p.center.data_ptr<float>();
+  for (int64_t k0 = 0; k0 < p.K; k0 += kTile) {
+    const int64_t n = std::min(kTile, p.K - k0);
+    const auto [x, u] = tile_logits(p, k0, n);
+    const float* xs = x.data_ptr<float>();
+    const float* us = u.data_ptr<float>();
+    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+      Scratch buf(p.T);
+      State chunk(p.S, p.T);
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+          chunk_state(xs, us, c + k0, p.S, p.T, p.B, n, b, c0, std::min(kChunk, n - c0), p.ss,
+                      p.ts, buf, chunk);
+          states[b].merge(chunk, p.ss, p.ts);
+        }
+      }
+    });
+  }
+  const auto opts = p.student.options();
+  Tensor student_stats = at::empty({2, p.S, p.B}, opts);
+  Tensor teacher_stats = at::empty({2, p.T, p.B}, opts);
+  float* s_stats = student_stats.data_ptr<float>();
+  float* t_stats = teacher_stats.data_ptr<float>();
+  const float* w = p.row_weight.data_ptr<float>();
+  double total = 0.0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const State& st = states[b];
+    for (int64_t s = 0; s < p.S; ++s) {
+      s_stats[s * p.B + b] = st.m_s[s];
+      s_stats[(p.S + s) * p.B + b] = static_cast<float>(std::log(st.l_s[s]));
+    }
+    double sample = 0.0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      t_stats[t * p.B + b] = st.m_t[t];
+      t_stats[(p.T + t) * p.B + b] = static_cast<float>(std::log(st.l_t[t]));
+      for (int64_t s = 0; s < p.S; ++s) {
+        if (p.diagonal || s != t) sample += std::log(st.l_s[s]) - st.a[t * p.S + s] / st.l_t[t];
+      }
+    }
+    total += double(w[b]) * sample;
+  }
+  return {at::full({}, total, opts), student_stats, teacher_stats};
+}
+
+std::tuple<Tensor, Tensor> dino_head_bwd(
+    const Tensor& student, const Tensor& teacher, const Tensor& student_weight,
+    const Tensor& teacher_weight, const Tensor& center, const Tensor& student_scale,
+    const Tensor& teacher_scale, const Tensor& row_weight, bool diagonal,
+    const Tensor& student_stats, const Tensor& teacher_stats, const Tensor& grad) {
+  const HeadProblem p = make_head_problem(student, teacher, student_weight, teacher_weight, center,
+                                          student_scale, teacher_scale, row_weight, diagonal);
+  TORCH_CHECK(student_stats.sizes() == at::IntArrayRef({2, p.S, p.B}),
+              "dino_head_bwd: student_stats must have shape (2, S, B), got ",
+              student_stats.sizes());
+  TORCH_CHECK(teacher_stats.sizes() == at::IntArrayRef({2, p.T, p.B}),
+              "dino_head_bwd: teacher_stats must have shape (2, T, B), got ",
+              teacher_stats.sizes());
+  const Tensor s_stats = fastcl::contiguous_float(student_stats, "student_stats");
+  const Tensor t_stats = fastcl::contiguous_float(teacher_stats, "teacher_stats");
+  const double upstream = fastcl::read_scale(grad, "grad");
+  std::vector<float> coef(p.B);
+  for (int64_t b = 0; b < p.B; ++b) {
+    coef[b] = static_cast<float>(upstream * p.ss * p.row_weight.data_ptr<float>()[b]);
+  }
+  Tensor dstudent = at::zeros({p.S * p.B, p.H}, p.student.options());
+  // A training loop drops the weight's gradient (zero_grad) before the next backward: its
+  // storage is handed out again then instead of page-faulting a fresh (K, H) block every step.
+  Tensor dweight = fastcl::kept_or_new<struct DinoHeadWeightGrad>({p.K, p.H},
+                                                                  p.student_weight.options());
+  const bool float_weight = p.student_weight.scalar_type() == at::kFloat;
+  const float* c = p.center.data_ptr<float>();
+  for (int64_t k0 = 0; k0 < p.K; k0 += kTile) {
+    const int64_t n = std::min(kTile, p.K - k0);
+    const Tensor ws = HeadProblem::rows(p.student_weight, k0, n);
+    Tensor x = at::mm(p.student, ws.t());
+    const Tensor u = at::mm(p.teacher, HeadProblem::rows(p.teacher_weight, k0, n).t());
+    float* xs = x.data_ptr<float>();
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    at::parallel_for(0, p.B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf((p.T + 3) * kChunk);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / chunks, c0 = (item % chunks) * kChunk;
+        grad_chunk<float>(xs, u.data_ptr<float>(), c + k0, p.S, p.T, p.B, n, b, c0,
+                          std::min(kChunk, n - c0), p.ss, p.ts, s_stats.data_ptr<float>(),
+                          t_stats.data_ptr<float>(), coef[b], p.diagonal, xs, n, buf.data());
+      }
+    });
+    // x now holds the tile's logit gradient g (S B, n).
+    dstudent.addmm_(x, ws);
+    Tensor rows = dweight.narrow(0, k0, n);
+    if (float_weight) {
+      at::mm_out(rows, x.t(), p.student);
+    } else {
+      rows.copy_(at::mm(x.t(), p.student));
+    }
+  }
+  return {dstudent.view({p.S, p.B, p.H}).to(student.scalar_type()), dweight};
+}
+
 }  // namespace
 
 FASTCL_END_AVX2_KERNELS
@@ -423,5 +627,19 @@ void bind_dino(pybind11::module_& m) {
         "... student_stats (2, S, B), teacher_stats (2, T, B), grad () -> d student (S, B, K)",
         pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("center"),
         pybind11::arg("student_scale"), pybind11::arg("teacher_scale"),
+        pybind11::arg("student_stats"), pybind11::arg("teacher_stats"), pybind11::arg("grad"));
+  m.def("dino_head_fwd", &dino_head_fwd,
+        "student (S, B, H), teacher (T, B, H), student_weight (K, H), teacher_weight (K, H), "
+        "center (K,), student_scale (), teacher_scale (), row_weight (B,), diagonal -> "
+        "(loss (), student_stats (2, S, B), teacher_stats (2, T, B))",
+        pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("student_weight"),
+        pybind11::arg("teacher_weight"), pybind11::arg("center"), pybind11::arg("student_scale"),
+        pybind11::arg("teacher_scale"), pybind11::arg("row_weight"), pybind11::arg("diagonal"));
+  m.def("dino_head_bwd", &dino_head_bwd,
+        "... diagonal, student_stats (2, S, B), teacher_stats (2, T, B), grad () -> "
+        "(d student (S, B, H), d student_weight (K, H))",
+        pybind11::arg("student"), pybind11::arg("teacher"), pybind11::arg("student_weight"),
+        pybind11::arg("teacher_weight"), pybind11::arg("center"), pybind11::arg("student_scale"),
+        pybind11::arg("teacher_scale"), pybind11::arg("row_weight"), pybind11::arg("diagonal"),
         pybind11::arg("student_stats"), pybind11::arg("teacher_stats"), pybind11::arg("grad"));
 }

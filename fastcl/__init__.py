@@ -8,13 +8,16 @@ from fastcl.losses import (
     InstDiscNCELoss,
     NTXentLoss,
     SupConLoss,
+    dino_head_loss,
     dino_loss,
     dino_loss_sinkhorn,
+    ibot_patch_loss,
     info_nce,
     nt_xent,
     sampled_info_nce,
     sampled_nce,
     supcon,
+    teacher_mean,
 )
 
 from fastcl.ops.koleo import koleo
@@ -25,7 +28,8 @@ from fastcl.memory import MemoryBank, Queue
 __version__ = "0.1.0"
 
 __all__ = [
-    "DINOLoss", "dino_loss", "dino_loss_sinkhorn",
+    "DINOLoss", "dino_loss", "dino_loss_sinkhorn", "dino_head_loss", "ibot_patch_loss",
+    "teacher_mean",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
     "info_nce", "koleo", "nt_xent", "sinkhorn", "supcon",
     "InstDiscNCELoss", "MemoryBank", "Queue", "sampled_info_nce", "sampled_nce",

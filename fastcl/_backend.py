@@ -92,7 +92,7 @@ def rows_up_to(max_dim: int) -> Callable[..., bool]:
     return lambda first, *_: first.shape[-1] <= max_dim
 
 
-def register_backends(op, family: str, reference: Callable, launch: Launch, *,
+def register_backends(op, family: Optional[str], reference: Callable, launch: Launch, *,
                       cpp_launch: Optional[Launch] = None,
                       triton_fits: Optional[Callable[..., bool]] = None) -> None:
     """Registers the fast kernels of the custom op `op` with PyTorch's dispatcher: a CPU kernel
@@ -107,6 +107,8 @@ def register_backends(op, family: str, reference: Callable, launch: Launch, *,
     launch: launch(kernels, *args) running the op on `kernels`, the module ``fastcl._C`` or
         ``fastcl.kernels.<family>`` (whose launchers share names and contracts), or the name of
         the launcher to call with the op's arguments.
+    family: the Triton kernels' module, or None for ops without Triton kernels, whose launch then
+        gets None as its module and runs on the tensors' device with PyTorch ops.
     cpp_launch: the same for the C++ kernels only, where they differ from launch.
     triton_fits: triton_fits(*args) says whether the Triton kernels take these arguments (e.g.
         rows_up_to(1024)); where it is False the reference runs instead (None: always).
@@ -119,7 +121,7 @@ def register_backends(op, family: str, reference: Callable, launch: Launch, *,
 
     def triton_or_reference(*args):
         if fast_path(args[0]) and (triton_fits is None or triton_fits(*args)):
-            return triton_launch(triton_module(family), *args)
+            return triton_launch(triton_module(family) if family else None, *args)
         return reference(*args)
 
     def cpu_kernel(*args):

@@ -180,6 +180,22 @@ def dino_loss_sinkhorn(student: Tensor, teacher: Tensor, student_temp: float = 0
     return sum(-(codes[i] * log_q[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
 
 
+def ibot_patch_loss(student: Tensor, teacher: Tensor, center: Optional[Tensor],
+                    masks_weight: Tensor, n_images: int, student_temp: float = 0.1,
+                    teacher_temp: float = 0.04, centering: str = "ema") -> Tensor:
+    """DINOv2's iBOT loss on the masked patch tokens (iBOTPatchLoss.forward_masked): student and
+    teacher logits (N, K) of the N masked tokens, masks_weight (N,) (1 / masked tokens of the
+    token's image), divided by the number of images. The teacher's targets are its centered
+    softmax (softmax_center_teacher) or, centering="sinkhorn", SwAV's / DINOv2's Sinkhorn-Knopp
+    codes (sinkhorn_knopp_teacher)."""
+    if centering == "sinkhorn":
+        targets = sinkhorn(teacher, epsilon=teacher_temp)
+    else:
+        targets = F.softmax((teacher - center) / teacher_temp, dim=-1)
+    loss = torch.sum(targets.detach() * F.log_softmax(student / student_temp, dim=-1), dim=-1)
+    return -(loss * masks_weight).sum() / n_images
+
+
 # ----------------------------------------------------------------------------------------------
 # KoLeo (fastcl.koleo): DINOv2's KoLeoLoss
 # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ CENTERINGS = ("ema", "sinkhorn")
 Temperature = Union[float, Tensor]
 
 
-def _check_crops(student: Tensor, teacher: Tensor) -> None:
-    """student (S, B, K) and teacher (T, B, K) logits, T <= S, S >= 2."""
+def _check_crops(student: Tensor, teacher: Tensor, last: str = "K") -> None:
+    """student (S, B, K) and teacher (T, B, K) logits (or features, last="H"), T <= S, S >= 2."""
     _checks.embeddings("student", student, ndim=3)
     _checks.embeddings("teacher", teacher, ndim=3)
     _checks.same_dtype(student=student, teacher=teacher)
@@ -44,8 +44,8 @@ def _check_crops(student: Tensor, teacher: Tensor) -> None:
         raise ValueError(f"student needs S >= 2 crops so that every teacher crop has a student "
                          f"crop to pair with, got shape {tuple(student.shape)}")
     if teacher.shape[1:] != (b, k):
-        raise ValueError(f"teacher must have shape (T, B, K) with B = {b}, K = {k} as student, got "
-                         f"{tuple(teacher.shape)}")
+        raise ValueError(f"teacher must have shape (T, B, {last}) with B = {b}, {last} = {k} as "
+                         f"student, got {tuple(teacher.shape)}")
 
 
 def _check_inputs(student: Tensor, teacher: Tensor, center: Tensor) -> None:
@@ -199,12 +199,32 @@ class DINOLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher: Tensor) -> None:
-        """center <- m * center + (1 - m) * mean of teacher's rows over every rank."""
-        rows = teacher.reshape(-1, teacher.shape[-1])
-        batch_center = rows.sum(dim=0, keepdim=True, dtype=self.center.dtype)
-        _, size = world()
-        if size > 1:
-            dist.all_reduce(batch_center)
-        batch_center = batch_center / (rows.shape[0] * size)
+    def update_center(self, teacher: Tensor, teacher_weight: Optional[Tensor] = None) -> None:
+        """center <- m * center + (1 - m) * teacher_mean(teacher, teacher_weight): the teacher's
+        (T, B, K) logits, or its (..., H) features with its prototypes teacher_weight (K, H)."""
+        batch_center = teacher_mean(teacher, teacher_weight).to(self.center.dtype)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+@torch.no_grad()
+def teacher_mean(teacher: Tensor, teacher_weight: Optional[Tensor] = None, *,
+                 gather: bool = True) -> Tensor:
+    """The mean of the teacher's logit rows, (1, K) float32 (float64 for float64 inputs): what
+    DINO's (and iBOT's) running center moves towards. teacher: (..., K) logits; or (..., H)
+    features with teacher_weight (K, H) the prototypes, when the logits (teacher W^T) are never
+    materialized (fastcl.dino_head_loss): they are linear in the features, so their mean is
+    mean(features) W^T, a (1, H) x (H, K) product. gather=True averages over every rank's rows
+    under torch.distributed (each rank passing the same number), as the official code does; it
+    sums in fp32 where the official code sums in the teacher's dtype."""
+    acc = torch.float64 if teacher.dtype == torch.float64 else torch.float32
+    rows = teacher.reshape(-1, teacher.shape[-1])
+    total = rows.sum(dim=0, keepdim=True, dtype=acc)
+    if teacher_weight is not None:
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != rows.shape[1]:
+            raise ValueError(f"teacher_weight must have shape (K, {rows.shape[1]}) for teacher "
+                             f"features (..., {rows.shape[1]}), got {tuple(teacher_weight.shape)}")
+        total = total @ teacher_weight.to(acc).T
+    _, size = world()
+    if gather and size > 1:
+        dist.all_reduce(total)
+    return total / (rows.shape[0] * (size if gather else 1))

@@ -115,12 +115,18 @@ register_backends(dino_cross_entropy, "dino", dino_cross_entropy_ref, "dino_cros
                   triton_fits=_triton_fits)
 
 
-@dino_cross_entropy.register_fake
-def _(student, teacher, center, student_scale, teacher_scale):
+def fake_outputs(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty (loss (), student_stats (2, S, B), teacher_stats (2, T, B)) for student (S, B, ...)
+    and teacher (T, B, ...): the fake of the family's forward ops."""
     acc = accumulation_dtype(student)
-    s, b, _ = student.shape
+    s, b = student.shape[:2]
     return (student.new_empty((), dtype=acc), student.new_empty((2, s, b), dtype=acc),
             student.new_empty((2, teacher.shape[0], b), dtype=acc))
+
+
+@dino_cross_entropy.register_fake
+def _(student, teacher, center, student_scale, teacher_scale):
+    return fake_outputs(student, teacher)
 
 
 @torch.library.custom_op("fastcl::dino_cross_entropy_backward", mutates_args=())
