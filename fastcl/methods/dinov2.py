@@ -34,8 +34,9 @@ Where this departs from DINOv2's code: its DINO term divides the pairs' sum by
 (n_global - 1) n_global + max(n_local n_global, 1), so with no local crops it is 2/3 of the pair
 mean used here; no drop-path, layer scale or layer-wise learning-rate decay; the trainer's constant
 weight decay (DINOv2: 0.04 -> 0.2 cosine); Sinkhorn-Knopp centering only (DINOv2's configs also
-offer the running-mean center). The explicit (crops, B, K) logits are formed and passed to
-fastcl.dino_loss_sinkhorn and fastcl.sinkhorn.
+offer the running-mean center). The heads' last layers are fused with the losses
+(fastcl.dino_head_loss, fastcl.ibot_patch_loss): the (crops, B, K) and (masked patches, K) logits
+are never formed.
 
 Official (ssl_default_config.yaml): K = 65536, head 2048 hidden, 256 bottleneck, tau_s 0.1,
 tau_t 0.04 -> 0.07 over 30 epochs, teacher momentum 0.992, AdamW lr 4e-3 x sqrt(B / 1024), wd
@@ -226,20 +227,30 @@ class DINOv2(Method):
         with torch.no_grad():
             teacher_cls, teacher_patches = self.teacher[0].tokens(global_crops)
 
-        # DINO on the class tokens: student (S, B, K), teacher (2, B, K).
-        student = self.head(torch.cat(cls)).view(len(crops), batch, -1)
+        # DINO on the class tokens, through the head's last layer fused with the loss: student
+        # (S, B, H) and teacher (2, B, H) bottleneck features against the (K, H) prototypes.
+        student = self.head.bottleneck(torch.cat(cls)).view(len(crops), batch, -1)
         with torch.no_grad():
-            teacher = self.teacher[1](teacher_cls).view(2, batch, -1)
-        dino = fastcl.dino_loss_sinkhorn(student, teacher, hp["student_temp"], teacher_temp)
+            teacher = self.teacher[1].bottleneck(teacher_cls).view(2, batch, -1)
+        dtype = student.dtype  # under autocast the prototypes stay float32
+        dino = fastcl.dino_head_loss(student, teacher, self.head.prototypes().to(dtype),
+                                     self.teacher[1].prototypes().to(dtype), None,
+                                     hp["student_temp"], teacher_temp, centering="sinkhorn")
 
         # iBOT on the masked patches, each weighted 1 / its image's mask count.
         rows = masks.flatten().nonzero().squeeze(1)
         weights = (1.0 / masks.sum(1).clamp(min=1))[:, None].expand_as(masks).flatten()[rows]
-        student = self.heads[-1](student_patches.flatten(0, 1)[rows])
-        with torch.no_grad():
-            teacher = self.teacher[-1](teacher_patches.flatten(0, 1)[rows])
-        ibot = ibot_loss(student, teacher, weights, masks.shape[0], hp["student_temp"],
-                         teacher_temp, gather=self.gather)
+        head, teacher_head = self.heads[-1], self.teacher[-1]
+        student = head.bottleneck(student_patches.flatten(0, 1)[rows])
+        if rows.numel():
+            with torch.no_grad():
+                teacher = teacher_head.bottleneck(teacher_patches.flatten(0, 1)[rows])
+            ibot = fastcl.ibot_patch_loss(student, teacher, head.prototypes().to(dtype),
+                                          teacher_head.prototypes().to(dtype), None, weights,
+                                          hp["student_temp"], teacher_temp,
+                                          n_images=masks.shape[0], centering="sinkhorn")
+        else:  # no patch masked in this batch
+            ibot = student.sum() * 0.0
 
         koleo = sum(fastcl.koleo(c) for c in student_cls.chunk(2))
         return (hp["dino_loss_weight"] * dino + hp["ibot_loss_weight"] * ibot
@@ -254,16 +265,3 @@ class DINOv2(Method):
                                    self.hparams["teacher_momentum"], 1.0)
         momentum_follow(self.teacher, self.backbone, *self.heads, momentum=m)
 
-
-def ibot_loss(student: Tensor, teacher: Tensor, weights: Tensor, images: int,
-              student_temp: float, teacher_temp: float, *, gather: bool = False) -> Tensor:
-    """iBOT's masked-patch loss (DINOv2's iBOTPatchLoss.forward_masked with Sinkhorn-Knopp
-    targets): student, teacher (M, K) logits of the M masked patches, weights (M,) = 1 / the mask
-    count of each patch's image -> -sum_m weights_m sum_k codes_mk log softmax(student_m /
-    student_temp)_k / images, codes = fastcl.sinkhorn(teacher, teacher_temp, 3) over all M rows
-    (every rank's with gather). 0 when no patch is masked."""
-    if student.shape[0] == 0:
-        return student.sum() * 0.0
-    codes = fastcl.sinkhorn(teacher.detach(), teacher_temp, 3, gather=gather)
-    log_q = torch.log_softmax(student.to(codes.dtype) / student_temp, dim=-1)
-    return -(weights * (codes * log_q).sum(-1)).sum() / images
