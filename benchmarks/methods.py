@@ -3,6 +3,7 @@ same architecture, on the embedded digits and on the harder digits-shift set.
 
     python benchmarks/methods.py --csv benchmarks/results/methods_cpu.csv       # all 15, both sets
     python benchmarks/methods.py --methods simclr byol --data digits --csv out.csv
+    python benchmarks/methods.py --methods dinov2 --data digits --epochs 4 --csv out.csv
     python benchmarks/methods.py --render benchmarks/results/methods_cpu.csv --readme docs/methods.md
 
 A run trains each (data set, method) in turn with the method's defaults (but for the OVERRIDES,
@@ -56,14 +57,18 @@ def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
             evaluate.linear_probe_accuracy(feats[0], data.y_train, feats[1], data.y_test))
 
 
-def run(data_names: list[str], methods: list[str], csv_path: Optional[Path]) -> list[dict]:
-    """Trains each (data set, method); each row goes to csv_path as soon as it is measured."""
+def run(data_names: list[str], methods: list[str], csv_path: Optional[Path],
+        epochs: Optional[int] = None) -> list[dict]:
+    """Trains each (data set, method), for `epochs` if given; each row goes to csv_path as soon as
+    it is measured."""
     rows = []
     for data_name in data_names:
         data = load_data(data_name)
         for method in methods:
             with tempfile.TemporaryDirectory() as out:
                 settings = dict(OVERRIDES.get((data_name, method), {}))
+                if epochs is not None:
+                    settings["epochs"] = epochs
                 cfg = TrainConfig(method=method, out=out, progress=False,
                                   epochs=settings.pop("epochs", None), hparams=settings).resolved()
                 rand_knn, rand_linear = random_init(cfg, data)
@@ -119,6 +124,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["digits", "digits-shift"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--csv", type=Path, help="append the rows to this CSV")
+    parser.add_argument("--epochs", type=int, help="train every method this long instead")
     parser.add_argument("--render", type=Path, help="print the table of this CSV; train nothing")
     parser.add_argument("--readme", type=Path, help="write the table into this README")
     args = parser.parse_args()
@@ -127,7 +133,7 @@ def main() -> None:
         with open(args.render, newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = run(args.data, args.methods, args.csv)
+        rows = run(args.data, args.methods, args.csv, args.epochs)
     table = markdown_table(rows)
     print(table)
     if args.readme:

@@ -7,6 +7,7 @@
 void bind_bank(py::module_& m);
 void bind_contrastive(py::module_& m);
 void bind_dino(py::module_& m);
+void bind_koleo(py::module_& m);
 void bind_momentum(py::module_& m);
 void bind_siglip(py::module_& m);
 void bind_sinkhorn(py::module_& m);
@@ -16,6 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_bank(m);
   bind_contrastive(m);
   bind_dino(m);
+  bind_koleo(m);
   bind_momentum(m);
   bind_siglip(m);
   bind_sinkhorn(m);

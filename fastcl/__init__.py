@@ -22,6 +22,7 @@ from fastcl.losses import (
     teacher_mean,
 )
 
+from fastcl.ops.koleo import koleo
 from fastcl.ops.momentum import cosine_schedule, momentum_update
 from fastcl.ops.sinkhorn import sinkhorn
 from fastcl.memory import MemoryBank, Queue
@@ -32,7 +33,7 @@ __all__ = [
     "DINOLoss", "dino_loss", "dino_loss_sinkhorn", "dino_head_loss", "ibot_patch_loss",
     "teacher_mean",
     "InfoNCELoss", "NTXentLoss", "SupConLoss", "cosine_schedule", "momentum_update",
-    "info_nce", "nt_xent", "sinkhorn", "supcon",
+    "info_nce", "koleo", "nt_xent", "sinkhorn", "supcon",
     "InstDiscNCELoss", "MemoryBank", "Queue", "sampled_info_nce", "sampled_nce",
     "SigLIPLoss", "siglip",
 ]

@@ -51,8 +51,8 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     run.add_argument("--warmup-epochs", type=int,
                      help=f"epochs of linear learning-rate warm-up, fewer than --epochs; default "
                           f"{d.get('warmup_epochs')} (at most --epochs - 1)")
-    run.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet18",
-                     help="default resnet18 (small-image stem)")
+    run.add_argument("--backbone", choices=sorted(BACKBONES),
+                     help=f"default {d.get('backbone')} (the ResNets with a small-image stem)")
     run.add_argument("--width", type=float, help=f"channel multiplier of the backbone; default "
                                                  f"{d.get('width', 1.0)}")
     run.add_argument("--device", default="auto", help=DEVICE_HELP)

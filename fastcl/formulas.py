@@ -214,6 +214,22 @@ def ibot_patch_loss(student: Tensor, teacher: Tensor, center: Optional[Tensor],
 
 
 # ----------------------------------------------------------------------------------------------
+# KoLeo (fastcl.koleo): DINOv2's KoLeoLoss
+# ----------------------------------------------------------------------------------------------
+def koleo(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """DINOv2's KoLeoLoss.forward on x (B, D): the (B, B) inner products of the normalized rows,
+    the nearest other row by torch.max, nn.PairwiseDistance(2, eps) to it, -mean log(d + eps).
+    Self is excluded with -inf on the diagonal where DINOv2 fills it with -1 (the same neighbours
+    unless every other score is -1)."""
+    x = F.normalize(x, eps=eps, p=2, dim=-1)
+    dots = x @ x.t()
+    dots.fill_diagonal_(float("-inf"))
+    neighbour = torch.max(dots, dim=1).indices
+    distances = nn.PairwiseDistance(2, eps=eps)(x, x[neighbour])
+    return -torch.log(distances + eps).mean()
+
+
+# ----------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp (fastcl.sinkhorn): SwAV's distributed_sinkhorn
 # ----------------------------------------------------------------------------------------------
 def _all_ranks_sum(x: Tensor, gather: bool) -> Tensor:

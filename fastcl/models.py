@@ -5,14 +5,14 @@ Written here with plain torch (no torchvision, no timm):
 - ResNet-18 / ResNet-50 with the small-image stem of the CIFAR SSL recipes: a 3x3 stride-1 first
   convolution and no max-pool, so an 8x8 or 32x32 input keeps its resolution into the first stage.
   ``width`` scales every stage's channels (64 * width in the first stage).
-- A small ViT (pre-norm transformer blocks, class token, learned position embeddings) whose patch
-  size adapts to the image side.
+- A small ViT (pre-norm transformer blocks, class token, learned position embeddings, a mask token
+  for masked image modelling) whose patch size adapts to the image side.
 
 Every backbone maps images (B, C, H, W) to features (B, backbone.out_dim); heads map features on.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -112,31 +112,55 @@ class _Block(nn.Module):
 class ViT(nn.Module):
     """Vision transformer for small images: (B, C, H, W) -> (B, dim), the class token's output.
 
-    The patch size is image_size // 8 (at least 1), so any side gives an 8x8 grid of tokens or
-    finer; images of another side than image_size (multi-crop) interpolate the position grid.
+    Patches of `patch_size` pixels (default image_size // 8, at least 1: an 8x8 grid of tokens or
+    finer, e.g. 4 px patches of a 32 px image) embedded by a strided convolution, a class token,
+    learned position embeddings of the patches on the image_size grid, interpolated (bilinear;
+    DINOv2 bicubic) for images of another side (multi-crop), pre-norm blocks and a final LayerNorm.
+    ``tokens`` returns the class token and the patch tokens, and replaces masked patches by a
+    learned mask token before the position embeddings (DINOv2's masked image modelling).
     """
 
     def __init__(self, image_size: int, in_channels: int = 3, dim: int = 192, depth: int = 6,
-                 heads: int = 3, mlp_ratio: float = 4.0):
+                 heads: int = 3, mlp_ratio: float = 4.0, patch_size: Optional[int] = None):
         super().__init__()
-        self.patch = max(1, image_size // 8)
+        self.patch = patch_size or max(1, image_size // 8)
+        if not 1 <= self.patch <= image_size:
+            raise ValueError(f"patch_size must be from 1 to image_size = {image_size}, got "
+                             f"{patch_size}")
         self.embed = nn.Conv2d(in_channels, dim, self.patch, self.patch)
         grid = image_size // self.patch
         self.pos = nn.Parameter(torch.randn(1, dim, grid, grid) * 0.02)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.Sequential(*[_Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
 
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.embed(x)  # (B, dim, h, w)
+    def grid(self, side: int) -> int:
+        """Patches per side of a side x side image."""
+        return side // self.patch
+
+    def tokens(self, x: Tensor, masks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) -> (class token (B, dim), patch tokens (B, h * w, dim)), normalized.
+        masks: (B, h * w) bool, True where the patch is replaced by the mask token."""
+        patches = self.embed(x)  # (B, dim, h, w)
+        grid = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)  # (B, h * w, dim)
+        if masks is not None:
+            if masks.shape != patches.shape[:2] or masks.dtype != torch.bool:
+                raise ValueError(f"masks must be a bool tensor of shape {tuple(patches.shape[:2])} "
+                                 f"(images, patches), got {masks.dtype} {tuple(masks.shape)}")
+            patches = torch.where(masks[..., None], self.mask_token.to(patches.dtype), patches)
         pos = self.pos
-        if pos.shape[-2:] != tokens.shape[-2:]:
-            pos = nn.functional.interpolate(pos, size=tokens.shape[-2:], mode="bilinear",
-                                            align_corners=False)
-        tokens = (tokens + pos).flatten(2).transpose(1, 2)  # (B, h * w, dim)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
-        return self.norm(self.blocks(tokens))[:, 0]
+        if pos.shape[-2:] != grid:
+            pos = nn.functional.interpolate(pos, size=grid, mode="bilinear", align_corners=False)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1),
+                            patches + pos.flatten(2).transpose(1, 2)], dim=1)
+        tokens = self.norm(self.blocks(tokens))
+        return tokens[:, 0], tokens[:, 1:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tokens(x)[0]
 
 
 # ----------------------------------------------------------------------------------------------

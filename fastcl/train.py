@@ -62,7 +62,7 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     optimizer: Optional[str] = None
     warmup_epochs: Optional[int] = None
-    backbone: str = "resnet18"
+    backbone: Optional[str] = None
     width: Optional[float] = None
     device: str = "auto"
     precision: str = "fp32"
@@ -77,7 +77,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the method's defaults filled in, after checking every choice."""
         method_cls = get_method(self.method)
-        if self.backbone not in BACKBONES:
+        if self.backbone is not None and self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {self.backbone!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -46,7 +46,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-FAMILIES = ("contrastive", "bank", "dino", "momentum", "siglip", "sinkhorn")
+FAMILIES = ("contrastive", "bank", "dino", "koleo", "momentum", "siglip", "sinkhorn")
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 / H200 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -256,6 +256,14 @@ def _sweep_dino(k):
                                      torch.tensor(1.0))
 
 
+def _sweep_koleo(k):
+    neighbour = (torch.arange(48) + 1) % 48  # the recorded forward computes none
+    for dtype in k.CONFIGS["dtypes"]:
+        k.koleo_fwd(_rows(48, 128, dtype), 1e-8)
+        for d in k.CONFIGS["dims"]:
+            k.koleo_bwd(_rows(48, d, dtype), neighbour, torch.tensor(1.0), 1e-8)
+
+
 def _sweep_momentum(k):
     momentum = torch.tensor(0.99, dtype=torch.float64)
     for t_dtype in k.CONFIGS["dtypes"]:
@@ -284,7 +292,8 @@ def _sweep_sinkhorn(k):
 
 
 SWEEPS = dict(contrastive=_sweep_contrastive, bank=_sweep_bank, dino=_sweep_dino,
-              momentum=_sweep_momentum, siglip=_sweep_siglip, sinkhorn=_sweep_sinkhorn)
+              koleo=_sweep_koleo, momentum=_sweep_momentum, siglip=_sweep_siglip,
+              sinkhorn=_sweep_sinkhorn)
 
 
 # ----------------------------------------------------------------------------------------------

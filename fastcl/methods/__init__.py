@@ -4,6 +4,7 @@ from fastcl.methods.byol import BYOL
 from fastcl.methods.cmc import CMC
 from fastcl.methods.cpc import CPC
 from fastcl.methods.dino import DINO
+from fastcl.methods.dinov2 import DINOv2
 from fastcl.methods.instdisc import InstDisc
 from fastcl.methods.invaspread import InvaSpread
 from fastcl.methods.mocov1 import MoCoV1
@@ -17,8 +18,8 @@ from fastcl.methods.swav import SwAV
 from fastcl.methods.triplet import Triplet
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, SwAV, MoCoV2, BYOL, MoCoV1, MoCoV3,
-                                                      SimCLRv2, SimSiam, DINO, InstDisc, InvaSpread,
-                                                      CPC, CMC, SupCon, Triplet)}
+                                                      SimCLRv2, SimSiam, DINO, DINOv2, InstDisc,
+                                                      InvaSpread, CPC, CMC, SupCon, Triplet)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -27,6 +28,6 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["BYOL", "CMC", "CPC", "DINO", "InstDisc", "InvaSpread", "METHODS", "Method", "MoCoV1",
+__all__ = ["BYOL", "CMC", "CPC", "DINO", "DINOv2", "InstDisc", "InvaSpread", "METHODS", "Method", "MoCoV1",
            "MoCoV2", "MoCoV3", "SimCLR", "SimCLRv2", "SimSiam", "SupCon", "SwAV", "Triplet",
            "get_method"]

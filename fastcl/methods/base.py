@@ -43,11 +43,12 @@ class Method(nn.Module):
     name: ClassVar[str]
     HPARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}
     # The trainer's defaults (TrainConfig fields), scaled to small images and a CPU budget: AdamW,
-    # one warm-up epoch, a half-width backbone, batch 128. The papers' recipes (LARS or SGD at
+    # one warm-up epoch, a half-width ResNet-18, batch 128. The papers' recipes (LARS or SGD at
     # batches of thousands, hundreds of epochs) need far longer runs. A method sets its epochs and
     # overrides what differs: DEFAULTS = {**Method.DEFAULTS, "epochs": 20}.
     DEFAULTS: ClassVar[dict[str, Any]] = dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4,
-                                              batch_size=128, warmup_epochs=1, width=0.5)
+                                              batch_size=128, warmup_epochs=1, width=0.5,
+                                              backbone="resnet18")
     # Per-batch keyword arguments forward needs from the trainer, among "indices" and "labels".
     batch_extras: ClassVar[tuple[str, ...]] = ()
 

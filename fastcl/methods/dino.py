@@ -62,9 +62,41 @@ class DINOHead(nn.Module):
         self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)  # its weight is v
         self.last_norm = nn.Parameter(torch.ones(out_dim, 1), requires_grad=learn_norm)
 
+    def bottleneck(self, x: Tensor) -> Tensor:
+        """(B, in_dim) -> (B, bottleneck): the MLP's output, L2-normalized."""
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def prototypes(self) -> Tensor:
+        """(out_dim, bottleneck): the last layer's weight g * v / ||v||."""
+        return self.last_norm * F.normalize(self.last_layer.weight, dim=1)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, self.last_norm * F.normalize(self.last_layer.weight, dim=1))
+        return F.linear(self.bottleneck(x), self.prototypes())
+
+
+def multi_crop_views(method: Method, image_size: int) -> list[Recipe]:
+    """DINO's (and DINOv2's) crops: BYOL's two global views (area global_scale..1), then
+    num_local_crops local ones (largest area local_scale, blur p 0.5, BYOL's colour), from the
+    method's hyper-parameters of those names."""
+    hp = method.hparams
+    return [*byol_views(image_size, method.crop_range((hp["global_scale"], 1.0))),
+            *method.small_crops(hp["local_scale"], hp["num_local_crops"], blur_p=0.5,
+                                **BYOL_COLOR)]
+
+
+def clip_and_freeze(method: nn.Module, clip: float, heads: list[DINOHead], freeze: bool) -> None:
+    """DINO's gradient surgery between backward and the step: every gradient of `method` clipped
+    to norm `clip` per parameter (the official clip_gradients; 0: none), and with `freeze` the
+    heads' last layers get none (cancel_gradients_last_layer)."""
+    student = [p for p in method.parameters() if p.requires_grad and p.grad is not None]
+    if clip > 0 and student:
+        grads = [p.grad for p in student]
+        norms = torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    if freeze:
+        for head in heads:
+            head.last_layer.weight.grad = None
+            head.last_norm.grad = None
 
 
 class DINO(Method):
@@ -118,10 +150,7 @@ class DINO(Method):
                                   centering=hp["centering"])
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
-        hp = self.hparams
-        return [*byol_views(image_size, self.crop_range((hp["global_scale"], 1.0))),
-                *self.small_crops(hp["local_scale"], hp["num_local_crops"], blur_p=0.5,
-                                  **BYOL_COLOR)]
+        return multi_crop_views(self, image_size)
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         batch = views[0].shape[0]
@@ -134,15 +163,8 @@ class DINO(Method):
         return self.criterion(student, teacher, epoch)
 
     def after_backward(self, epoch: int) -> None:
-        clip = self.hparams["clip_grad"]
-        student = [p for p in self.parameters() if p.requires_grad and p.grad is not None]
-        if clip > 0 and student:
-            grads = [p.grad for p in student]
-            norms = torch._foreach_norm(grads)
-            torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in norms])
-        if epoch < self.hparams["freeze_last_layer"]:
-            self.head.last_layer.weight.grad = None
-            self.head.last_norm.grad = None
+        clip_and_freeze(self, self.hparams["clip_grad"], [self.head],
+                        epoch < self.hparams["freeze_last_layer"])
 
     def after_step(self, step: int, total_steps: int) -> None:
         # The official code updates after the step with the schedule's value at this step.

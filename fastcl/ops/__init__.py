@@ -4,6 +4,6 @@ torch.library op), the C++ (CPU) and Triton (CUDA) kernels registered per device
 ``cpu_backend`` switches what runs CPU tensors: "cpp", "triton" (under the interpreter) or
 "reference"."""
 from fastcl._backend import cpu_backend
-from fastcl.ops import contrastive, dino, dino_head, siglip, sinkhorn
+from fastcl.ops import contrastive, dino, dino_head, koleo, siglip, sinkhorn
 
-__all__ = ["contrastive", "cpu_backend", "dino", "dino_head", "siglip", "sinkhorn"]
+__all__ = ["contrastive", "cpu_backend", "dino", "dino_head", "koleo", "siglip", "sinkhorn"]

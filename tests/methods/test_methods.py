@@ -97,6 +97,32 @@ def test_backbones(name, in_ch, side, dim):
         assert net(torch.randn(2, in_ch, side // 2, side // 2)).shape == (2, dim)
 
 
+def test_vit_tokens_and_masks():
+    """Class and patch tokens; a masked patch is the mask token before the position embedding, so
+    its input no longer matters; 4 px patches of 32 px images, other sides interpolated."""
+    from fastcl.models import ViT
+
+    torch.manual_seed(0)
+    net = ViT(32, in_channels=1, dim=24, depth=2, patch_size=4)
+    x = torch.randn(3, 1, 32, 32)
+    cls, patches = net.tokens(x)
+    assert cls.shape == (3, 24) and patches.shape == (3, 64, 24) and net.grid(32) == 8
+    torch.testing.assert_close(net(x), cls)
+    masks = torch.zeros(3, 64, dtype=torch.bool)
+    masks[1, :10] = True
+    with torch.no_grad():
+        net.mask_token.normal_()
+    masked_cls, masked = net.tokens(x, masks)
+    y = x.clone()
+    y[1, :, :4, :] = torch.randn(1, 4, 32)  # the pixels of patches 0-7 (the first row)
+    torch.testing.assert_close(net.tokens(y, masks)[1], masked)
+    torch.testing.assert_close(masked[0], patches[0])  # image 0 has no mask
+    assert not torch.allclose(masked[1], patches[1])
+    assert net.tokens(torch.randn(2, 1, 12, 12))[1].shape == (2, 9, 24)
+    with pytest.raises(ValueError, match="patch_size"):
+        ViT(8, patch_size=9)
+
+
 def test_backbone_errors():
     with pytest.raises(ValueError, match="resnet18"):
         build_backbone("resnet19")

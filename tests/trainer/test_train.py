@@ -56,14 +56,20 @@ def _interrupt_after_first_epoch(epoch, row):
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", ["simclr", "swav"])
+RESUMED = {  # method -> (backbone, hyper-parameters)
+    "simclr": ("resnet18", dict(proj_hidden=32, proj_dim=16)),
+    "swav": ("resnet18", dict(proj_hidden=32, proj_dim=16, num_prototypes=10, num_small_crops=1)),
+    # Its block masks come from the step's generator too.
+    "dinov2": ("vit_small", dict(out_dim=16, head_hidden=32, bottleneck=16)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
 def test_exact_resume(tmp_path, method):
-    hparams = dict(proj_hidden=32, proj_dim=16)
-    if method == "swav":
-        hparams.update(num_prototypes=10, num_small_crops=1)
-    full = tiny_config(tmp_path / "full", method=method, hparams=hparams)
+    backbone, hparams = RESUMED[method]
+    full = tiny_config(tmp_path / "full", method=method, backbone=backbone, hparams=hparams)
     train(full, data=tiny_data())
-    parts = tiny_config(tmp_path / "parts", method=method, hparams=hparams)
+    parts = tiny_config(tmp_path / "parts", method=method, backbone=backbone, hparams=hparams)
     with pytest.raises(KeyboardInterrupt):
         train(parts, data=tiny_data(), on_epoch_end=_interrupt_after_first_epoch)
     assert load_checkpoint(tmp_path / "parts" / "last.pt")["epoch"] == 1
