@@ -84,10 +84,10 @@ def test_harder_set_runs_take_their_overrides(monkeypatch):
 
     def fake_train(cfg, data):
         trained.append((data, cfg.epochs, cfg.hparams["queue_size"]))
-        return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0)
+        return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0,
+                    baseline=dict(knn_top1=0.1, linear_top1=0.1))
 
     monkeypatch.setattr(module, "load_data", lambda name: name)
-    monkeypatch.setattr(module, "random_init", lambda cfg, data: (0.1, 0.1))
     monkeypatch.setattr(module, "train", fake_train)
     rows = module.run(["digits", "digits-shift"], ["mocov2"], None)
     assert module.OVERRIDES[("digits-shift", "mocov2")] == dict(epochs=60, queue_size=128)
