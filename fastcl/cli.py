@@ -25,7 +25,8 @@ from fastcl.models import BACKBONES
 from fastcl.optim import OPTIMIZERS
 
 DEVICE_HELP = "auto (CUDA if present), cpu, cuda, cuda:1; default auto"
-KNN_K_HELP = "neighbours of the kNN evaluation; default 200"
+KNN_K_HELP = ("neighbours of the kNN evaluation, at most half the smallest class's training "
+              "images; default 200")
 _COMMON = ("data", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
            "backbone", "width", "device", "precision", "out", "resume", "seed", "deterministic",
            "knn_k", "image_size", "workers", "cache")

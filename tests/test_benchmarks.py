@@ -180,3 +180,28 @@ def test_family_smoke(family, tmp_path):
         assert r["train_mib"] >= 0
     baselines = [r for r in rows if r["train_speedup"] == 1.0]
     assert {r["case"] for r in baselines} == {r["case"] for r in rows}
+
+
+def test_stream_script_smoke(tmp_path):
+    """benchmarks/stream.py on a tiny folder: make, the loader alone, the step alone, and watch's
+    memory of a command's process tree."""
+    import os
+
+    script = BENCHMARKS / "stream.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]))
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run("make", tmp_path / "d", "--train", 20, "--val", 10, "--side", 32)
+    assert len(list((tmp_path / "d" / "train").glob("class*/*.jpg"))) == 20
+    assert "images/s" in run("load", tmp_path / "d", "--image-size", 16, "--workers", 0,
+                             "--batch-size", 4, "--batches", 2)
+    assert "images/s" in run("step", "--image-size", 16, "--batch-size", 4, "--steps", 1)
+    out = run("watch", "--", sys.executable, "-c", "import numpy; a = numpy.ones(2 ** 25)")
+    pss = float(out.split("PSS ")[1].split()[0])
+    assert 256 <= pss < 2048, out  # the 256 MiB array counts
