@@ -13,7 +13,7 @@ loader (``ImageFiles.loader``: decode, random-resized crop to --image-size, coll
 --batches batches of --batch-size, after one warm-up batch, and prints images/s. ``step`` times
 SimCLR's training step alone (device augmentation, forward, backward, optimizer) on one random
 uint8 batch held in memory, after two warm-up steps. ``watch`` runs a command and samples, every
-0.2 s, the memory of its whole process tree (the trainer and its DataLoader workers): the peak of
+second, the memory of its whole process tree (the trainer and its DataLoader workers): the peak of
 the summed proportional set sizes (PSS: shared pages divided among the processes sharing them, so
 the sum is what the tree holds) and of the summed resident set sizes (RSS: shared pages counted in
 every process). benchmarks/README.md has the figures.
@@ -21,6 +21,7 @@ every process). benchmarks/README.md has the figures.
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -63,12 +64,20 @@ def load(root: Path, image_size: int, workers: int, batch_size: int, batches: in
     index_batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     loader = iter(files.loader(index_batches, seed=(0, 0)))
     next(loader)  # the workers start and fill their prefetch
-    t0, n = time.perf_counter(), 0
+    t0, cpu0, n = time.perf_counter(), _cpu_seconds(), 0
     for images, _, _ in loader:
         n += images.shape[0]
     seconds = time.perf_counter() - t0
+    del loader  # the workers exit, and their CPU time is counted
+    cpu = _cpu_seconds() - cpu0
     print(f"loader: {n} images of {len(files)} at {image_size} px, {workers} worker(s): "
-          f"{n / seconds:.0f} images/s")
+          f"{n / seconds:.0f} images/s, {n / cpu:.0f} images per CPU second")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def step(image_size: int, batch_size: int, width: float, steps: int) -> None:
@@ -85,16 +94,18 @@ def step(image_size: int, batch_size: int, width: float, steps: int) -> None:
     g = torch.Generator().manual_seed(0)
     for i in range(steps + 2):
         if i == 2:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_seconds()
         with torch.no_grad():
             views = method.augment(images, g)
         loss = method(views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    n = steps * batch_size
     print(f"training step: SimCLR, ResNet-18 x{width}, batch {batch_size} at {image_size} px, "
-          f"{torch.get_num_threads()} thread(s): {steps * batch_size / seconds:.0f} images/s")
+          f"{torch.get_num_threads()} thread(s): {n / seconds:.0f} images/s, {n / cpu:.0f} "
+          f"images per CPU second")
 
 
 def _tree(pid: int) -> list[int]:
@@ -128,7 +139,7 @@ def watch(command: list[str]) -> int:
     while proc.poll() is None:
         pss, rss = map(sum, zip(*(_memory_kib(p) for p in _tree(proc.pid))))
         peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-        time.sleep(0.2)
+        time.sleep(1.0)
     print(f"exit {proc.returncode} after {time.perf_counter() - t0:.0f} s; peak memory of the "
           f"process tree: PSS {peak_pss / 1024:.0f} MiB, RSS {peak_rss / 1024:.0f} MiB")
     return proc.returncode

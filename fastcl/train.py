@@ -378,11 +378,13 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     """
     # Options, data and the checkpoint to resume are checked before the output folder is made.
     run = _build(config, data)
-    if run.cfg.resume:
-        _resume(run)
+    state = _checkpoint_to_resume(run) if run.cfg.resume else {}
     x_train, extra_sources = _training_source(run)
-    if run.rank == 0 and not run.baseline:  # the untrained encoder, once per run
-        run.baseline = _probe(run.method, run.data, run.device, run.mean, run.std, run.knn_k)
+    if run.rank == 0:  # the encoder as built (no step taken), once per run: kept by a resume
+        run.baseline = state.get("baseline") or _probe(run.method, run.data, run.device,
+                                                       run.mean, run.std, run.knn_k)
+    if state:
+        _resume(run, state)
     _make_out(run)
     run.method.train()
     for epoch in range(run.start_epoch, run.cfg.epochs):
@@ -434,11 +436,16 @@ def _build(config: TrainConfig, data: Optional[ImageData]) -> _Run:
                 evaluate.capped_knn_k(cfg.knn_k, data.y_train), Path(cfg.out))
 
 
-def _resume(run: _Run) -> None:
-    """Loads last.pt of the output folder into the run's method and optimizer, after checking that
-    it was trained with this run's method, backbone, optimizer and data."""
+def _checkpoint_to_resume(run: _Run) -> dict:
+    """last.pt of the output folder, after checking that it was trained with this run's method,
+    backbone, optimizer and data."""
     state = load_checkpoint(run.ckpt_path)
     check_compatible(state, run.cfg, run.data, run.ckpt_path)
+    return state
+
+
+def _resume(run: _Run, state: dict) -> None:
+    """Loads a checkpoint (_checkpoint_to_resume) into the run's method and optimizer."""
     try:
         run.method.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -449,7 +456,6 @@ def _resume(run: _Run) -> None:
                          f"{changed}") from None
     run.optimizer.load_state_dict(state["optimizer"])
     run.history, run.start_epoch = state["history"], state["epoch"]
-    run.baseline = state["baseline"]
 
 
 def _training_source(run: _Run) -> tuple[Tensor | ImageFiles, dict[str, Optional[Tensor]]]:
