@@ -10,8 +10,8 @@ A run trains each (data set, method) in turn with the method's defaults (but for
 where the harder set needs a longer run), prints each row and appends it to --csv as soon as it
 is measured; the CSV holds the history of runs (two runs with disjoint --methods can share the
 machine's cores, one thread each). --render turns the newest row of each (data set, method) of a
-CSV into the markdown table (kNN k = 200 and linear-probe top-1 on the test split, the random-init
-encoder's, minutes of the whole run including evaluation, training images/s); with --readme it
+CSV into the markdown table (kNN and linear-probe top-1 on the test split, the random-init
+encoder's (the trainer's baseline), minutes of the whole run including evaluation, training images/s); with --readme it
 replaces the table between the README's "methods-table" markers.
 """
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Optional
 
 import torch
 
-from fastcl import evaluate
 from fastcl.data import load_data
 from fastcl.methods import METHODS
-from fastcl.train import TrainConfig, build_method, train
+from fastcl.train import TrainConfig, train
 from harness import append_csv
 
 README_MARKERS = ("<!-- methods-table:start -->", "<!-- methods-table:end -->")
@@ -42,19 +41,6 @@ OVERRIDES = {
     ("digits-shift", "swav"): dict(epochs=40),
     ("digits-shift", "mocov2"): dict(epochs=60, queue_size=128),
 }
-
-
-def random_init(cfg: TrainConfig, data) -> tuple[float, float]:
-    """kNN and linear top-1 of the untrained encoder the run starts from (same seed)."""
-    mean, std = data.stats()
-    torch.manual_seed(cfg.seed)
-    method = build_method(cfg, data.channels, data.image_size, mean, std,
-                          flip=data.mirror_invariant, num_items=len(data.x_train),
-                          min_crop_side=data.min_crop_side)
-    feats = [evaluate.extract_features(method.backbone, x, mean=mean, std=std)
-             for x in (data.x_train, data.x_test)]
-    return (evaluate.knn_accuracy(feats[0], data.y_train, feats[1], data.y_test),
-            evaluate.linear_probe_accuracy(feats[0], data.y_train, feats[1], data.y_test))
 
 
 def run(data_names: list[str], methods: list[str], csv_path: Optional[Path],
@@ -71,15 +57,15 @@ def run(data_names: list[str], methods: list[str], csv_path: Optional[Path],
                     settings["epochs"] = epochs
                 cfg = TrainConfig(method=method, out=out, progress=False,
                                   epochs=settings.pop("epochs", None), hparams=settings).resolved()
-                rand_knn, rand_linear = random_init(cfg, data)
                 start = time.perf_counter()
                 result = train(cfg, data=data)
                 wall = time.perf_counter() - start
             rows.append(dict(
                 data=data_name, method=method, backbone=f"{cfg.backbone} x{cfg.width}",
                 epochs=cfg.epochs, batch_size=cfg.batch_size, knn_top1=round(result["knn_top1"], 4),
-                linear_top1=round(result["linear_top1"], 4), random_knn_top1=round(rand_knn, 4),
-                random_linear_top1=round(rand_linear, 4), images_per_s=result["images_per_s"],
+                linear_top1=round(result["linear_top1"], 4),
+                random_knn_top1=round(result["baseline"]["knn_top1"], 4),
+                random_linear_top1=round(result["baseline"]["linear_top1"], 4), images_per_s=result["images_per_s"],
                 wall_s=round(wall, 1), threads=torch.get_num_threads(), torch=torch.__version__,
                 machine=platform.processor() or platform.machine()))
             print(rows[-1], flush=True)

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from fastcl import __version__
+from fastcl.data import CACHE_BYTES, CACHE_CHOICES, default_workers
 from fastcl.methods import METHODS
 from fastcl.models import BACKBONES
 from fastcl.optim import OPTIMIZERS
 
 DEVICE_HELP = "auto (CUDA if present), cpu, cuda, cuda:1; default auto"
-KNN_K_HELP = "neighbours of the kNN evaluation; default 200"
+KNN_K_HELP = ("neighbours of the kNN evaluation, at most half the smallest class's training "
+              "images; default 200")
 _COMMON = ("data", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
            "backbone", "width", "device", "precision", "out", "resume", "seed", "deterministic",
-           "knn_k")
+           "knn_k", "image_size", "workers", "cache")
 
 
 def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
@@ -43,6 +45,17 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
                           "scikit-learn digits; digits-shift: the same digits moved, rescaled "
                           "and coloured (16 px RGB); digits-color: the digits in amber on blue "
                           "(8 px RGB)")
+    run.add_argument("--image-size", type=int, metavar="PX",
+                     help="side the images of an ImageFolder are cut to (a random crop when "
+                          "training, the centred square when evaluating); default: the median "
+                          "shorter side of its training images")
+    run.add_argument("--workers", type=int,
+                     help=f"DataLoader processes decoding an ImageFolder (0: in the training "
+                          f"process); default {default_workers()} (the CPUs but one, at most 8)")
+    run.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
+                     help=f"hold an ImageFolder's images in memory: auto (when they take at most "
+                          f"{CACHE_BYTES >> 20} MiB at --image-size, else stream them from disk), "
+                          f"always or never; default auto")
     run.add_argument("--epochs", type=int, help=f"default {d.get('epochs')}")
     run.add_argument("--batch-size", type=int, help=f"per process; default {d.get('batch_size')}")
     run.add_argument("--lr", type=float, help=f"peak learning rate; default {d.get('lr')}")
@@ -179,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.config:
             args = _apply_config(parser, argv, args)
-        from fastcl.train import train
+        from fastcl.train import summary_line, train
 
         cfg = _train_config(args)
         # kill (SIGTERM) stops like Ctrl-C; last.pt is only ever replaced whole, so it stays loadable.
@@ -187,6 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = train(cfg)
         if result:
             print(json.dumps(result, indent=2))
+            print(summary_line(result))
         return 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         parser.exit(2, f"fastcl: error: {err}\n")

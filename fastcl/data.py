@@ -12,17 +12,21 @@
 - a folder of CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python batches;
 - an .npz with x_train, y_train, x_test, y_test (images (N, H, W), (N, H, W, C) or (N, C, H, W)).
 
-Small images fit in memory, so an epoch is a permutation of indices and a batch one gather: no
-worker processes. Augmentation happens afterwards on the training device (fastcl.augment).
+Arrays and small ImageFolders are held in memory as uint8 tensors, so an epoch is a permutation
+of indices and a batch one gather. A larger ImageFolder is streamed (ImageFiles): torch DataLoader
+workers decode each batch's files and cut each image to --image-size (a random crop for training,
+the centred square for evaluation), so memory is bounded by the batch and the workers' prefetch.
+The rest of the augmentation happens afterwards on the training device (fastcl.augment).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +37,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 
 @dataclass
 class ImageData:
-    """x_*: (N, C, H, W) uint8, y_*: (N,) int64; classes names the labels.
+    """x_*: (N, C, H, W) uint8 in memory, or ImageFiles streamed from disk; y_*: (N,) int64;
+    classes names the labels.
 
     mirror_invariant: whether a horizontal flip keeps an image's meaning (natural images: yes,
     handwriting: no); the augmentations flip only then. min_crop_side: the smallest random crop,
@@ -41,30 +46,52 @@ class ImageData:
     (their ImageNet ranges go down to 28% of the side, which binds only on small images)."""
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | ImageFiles
     y_train: Tensor
-    x_test: Tensor
+    x_test: Tensor | ImageFiles
     y_test: Tensor
     classes: list[str]
     mirror_invariant: bool = True
     min_crop_side: int = 6
 
     @property
+    def streamed(self) -> bool:
+        return isinstance(self.x_train, ImageFiles)
+
+    @property
     def channels(self) -> int:
-        return self.x_train.shape[1]
+        return self.x_train.channels if self.streamed else self.x_train.shape[1]
 
     @property
     def image_size(self) -> int:
-        return self.x_train.shape[-1]
+        return self.x_train.size if self.streamed else self.x_train.shape[-1]
 
     def stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.x_train.float() / 255
+        """Per-channel mean and std of the training images, in [0, 1] units (of STATS_SAMPLE
+        evenly spaced ones when streamed)."""
+        x = self.x_train
+        if self.streamed:
+            x = x.read(np.linspace(0, len(x) - 1, min(len(x), STATS_SAMPLE)).astype(int).tolist())[0]
+        x = x.float() / 255
         return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
 
 
-def load_data(path: Optional[str | os.PathLike] = None) -> ImageData:
-    """The data set at `path` (see the module docstring), or the embedded digits for None."""
+def load_data(path: Optional[str | os.PathLike] = None, *, image_size: Optional[int] = None,
+              workers: int = 0, cache: str = "auto") -> ImageData:
+    """The data set at `path` (see the module docstring), or the embedded digits for None.
+
+    An ImageFolder's images are cut to image_size (default: the median shorter side of its
+    training images) and decoded by `workers` DataLoader processes; cache: "auto" (held in
+    memory up to CACHE_BYTES, else streamed), "always" or "never". The other formats have one
+    image size, which image_size (when given) must equal."""
+    data = _load(path, image_size, workers, cache)
+    if image_size is not None and image_size != data.image_size:
+        raise ValueError(f"--image-size {image_size}: the images of {data.name!r} are "
+                         f"{data.image_size} px; only an ImageFolder is cut to another size")
+    return data
+
+
+def _load(path, image_size: Optional[int], workers: int, cache: str) -> ImageData:
     if path is None or str(path) in ("", "digits"):
         return digits()
     if str(path) == "digits-shift":
@@ -85,7 +112,7 @@ def load_data(path: Optional[str | os.PathLike] = None) -> ImageData:
     if "data_batch_1" in entries or {"train", "test", "meta"} <= entries and (p / "train").is_file():
         return _cifar(p)
     if "train" in entries and ("val" in entries or "test" in entries):
-        return _image_folder(p)
+        return _image_folder(p, image_size, workers, cache)
     raise ValueError(
         f"--data folder {str(p)!r} has an unknown layout: expected train/ and val/ class "
         f"sub-folders (ImageFolder), CIFAR-10 python batches (data_batch_1..5, test_batch) or "
@@ -262,13 +289,178 @@ def _cifar(folder: Path) -> ImageData:
 
 
 GRAY_MODES = ("L", "1", "I;16", "I")
+# The decode-time crop of streamed training images (torchvision RandomResizedCrop's sampling, see
+# crop_box): it picks the region of the image that the method's recipes then cut every view from
+# on the device, with their own crop ranges (multi-crop's small crops included). A quarter of the
+# image or more, so that the two crops compound to no less than a quarter of each recipe's range.
+DECODE_SCALE, DECODE_RATIO = (0.25, 1.0), (3 / 4, 4 / 3)
+# --cache auto holds an ImageFolder in memory when its images, cut to --image-size, take at most
+# this many bytes (decoded once instead of every epoch); larger ones are streamed from disk.
+CACHE_BYTES = 128 * 2 ** 20
+CACHE_CHOICES = ("auto", "always", "never")
+STATS_SAMPLE = 1024  # images that estimate a streamed data set's mean and std
 
 
-def _image_folder(root: Path) -> ImageData:
-    """Every image must have the same size and be square. Gray images load as 1 channel, unless any
-    image of the data set is in colour: then all load as RGB (gray ones with R = G = B)."""
+def default_workers() -> int:
+    """DataLoader decoding processes: one per CPU but one (left to the training step), 1 to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a random crop of a width x height image, drawn as torchvision's
+    ``RandomResizedCrop.get_params`` does (torchvision/transforms/transforms.py): up to 10 tries
+    of an area fraction uniform in `scale` and an aspect ratio log-uniform in `ratio`, kept when
+    the crop fits the image, at a uniform position; else the centred crop of the whole image with
+    its aspect ratio clamped to `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def decode_image(path: str, mode: str, size: int,
+                 rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """The image at `path` converted to `mode` ("L" or "RGB") and cut to size x size: a crop_box
+    with DECODE_SCALE and DECODE_RATIO drawn from `rng` (training), or without `rng` the centred
+    square (evaluation: resize of the shorter side + centre crop); bilinear (antialiased) resize.
+    -> (size, size) or (size, size, 3) uint8. Raises OSError (or ValueError, SyntaxError) for a
+    file that PIL cannot decode."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        width, height = im.size
+        if rng is None:
+            side = min(width, height)
+            left, top, w, h = (width - side) // 2, (height - side) // 2, side, side
+        else:
+            left, top, w, h = crop_box(width, height, DECODE_SCALE, DECODE_RATIO, rng)
+        # JPEG decodes at a power-of-two reduction (DCT scaling) that keeps the crop >= size px.
+        im.draft(mode, (math.ceil(width * size / w), math.ceil(height * size / h)))
+        sx, sy = im.size[0] / width, im.size[1] / height
+        image = im.convert(mode) if im.mode != mode else im
+        image = image.resize((size, size), Image.BILINEAR,
+                             box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        return np.array(image)
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Images on disk, decoded when a batch asks for them by `workers` DataLoader processes (0: in
+    this process): each converted to `mode` ("L", or "RGB" when any image of the data set is in
+    colour) and cut to a size x size square, whatever its own size and mode."""
+
+    paths: tuple[str, ...]
+    mode: str
+    size: int
+    workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def loader(self, batches: list[list[int]], seed: Optional[Sequence[int]] = None):
+        """A DataLoader of the index `batches` that yields (images (B, C, size, size) uint8,
+        indices (B,) int64, readable (B,) bool). With `seed` (training), each image is a random
+        crop drawn from (seed..., index), the same whatever worker decodes it; without, the centred
+        square. An unreadable file is replaced by the next readable one (its index returned,
+        readable False)."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(_Decoder(self, None if seed is None else tuple(seed)),
+                          batch_sampler=batches, num_workers=self.workers,
+                          prefetch_factor=2 if self.workers else None)
+
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The centred squares of the images at `indices`: (N, C, size, size) uint8 of the
+        readable ones, and the (N,) indices they are."""
+        chunks = [list(indices[i:i + 256]) for i in range(0, len(indices), 256)]
+        images, kept = [], []
+        for x, index, readable in self.loader(chunks):
+            images.append(x[readable])
+            kept.append(index[readable])
+        return torch.cat(images), torch.cat(kept)
+
+
+class _Decoder:
+    """The map-style dataset behind ImageFiles.loader: index -> (image, index, readable)."""
+
+    def __init__(self, files: ImageFiles, seed: Optional[tuple[int, ...]]):
+        self.files, self.seed = files, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, bool]:
+        files, n = self.files, len(self.files)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            rng = None if self.seed is None else np.random.default_rng(
+                [s % 2 ** 63 for s in (*self.seed, i)])
+            try:
+                array = decode_image(files.paths[i], files.mode, files.size, rng)
+            except (OSError, ValueError, SyntaxError):
+                continue
+            image = torch.from_numpy(array.reshape(files.size, files.size, -1)).permute(2, 0, 1)
+            return image.contiguous(), i, attempt == 0
+        raise ValueError(f"none of the {n} images can be decoded, e.g. {files.paths[index]!r}")
+
+
+def _scan(root: Path, folder: Path, index: dict[str, int]):
+    """(paths, labels, (width, height) and mode of each) of the images of one split, from their
+    headers; files that PIL cannot open are skipped with a warning that counts them."""
+    from PIL import Image
+
+    paths, labels, sizes, modes, skipped = [], [], [], [], []
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+        if class_dir.name not in index:
+            raise ValueError(f"class folder {str(class_dir)!r} is not among train/'s "
+                             f"classes {sorted(index)}")
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(file) as im:
+                    size, mode = im.size, im.mode
+            except (OSError, ValueError, SyntaxError):
+                skipped.append(file)
+                continue
+            paths.append(str(file))
+            labels.append(index[class_dir.name])
+            sizes.append(size)
+            modes.append(mode)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in {str(folder)!r}, "
+                      f"e.g. {str(skipped[0])!r}", RuntimeWarning, stacklevel=3)
+    if not paths:
+        raise ValueError(f"{str(folder)!r} holds no readable images (ImageFolder layout: "
+                         f"{folder.name}/<class>/<image>)")
+    return paths, labels, sizes, modes
+
+
+def _image_folder(root: Path, image_size: Optional[int], workers: int, cache: str) -> ImageData:
+    """Images of any size and mode, cut to image_size (default: the median of the training images'
+    shorter sides). Gray images load as 1 channel, unless any image of the data set is in colour:
+    then all load as RGB (gray ones with R = G = B). Held in memory (centred squares) when --cache
+    says so, else streamed (ImageFiles)."""
     split_dirs = {"train": root / "train", "test": root / "val" if (root / "val").exists()
                   else root / "test"}
     for folder in split_dirs.values():
@@ -280,50 +472,21 @@ def _image_folder(root: Path) -> ImageData:
         raise ValueError(f"{str(split_dirs['train'])!r} has no class sub-folders (ImageFolder "
                          f"layout: train/<class>/<image>)")
     index = {c: i for i, c in enumerate(classes)}
-    arrays: dict[str, tuple[list[np.ndarray], list[int]]] = {}
-    size = None
-    for split, folder in split_dirs.items():
-        images, labels, skipped = [], [], []
-        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
-            if class_dir.name not in index:
-                raise ValueError(f"class folder {str(class_dir)!r} is not among train/'s "
-                                 f"classes {classes}")
-            for file in sorted(class_dir.iterdir()):
-                if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                try:
-                    with Image.open(file) as im:
-                        im.load()
-                        arr = np.asarray(im.convert("L" if im.mode in GRAY_MODES else "RGB"))
-                except (OSError, ValueError, SyntaxError):
-                    skipped.append(file)
-                    continue
-                if size is None:
-                    if arr.shape[0] != arr.shape[1]:
-                        raise ValueError(f"images must be square: {str(file)!r} is "
-                                         f"{arr.shape[1]}x{arr.shape[0]} (crop or pad the data set "
-                                         f"first)")
-                    size = arr.shape[:2]
-                if arr.shape[:2] != size:
-                    raise ValueError(f"images must all have the same size: {str(file)!r} is "
-                                     f"{arr.shape[1]}x{arr.shape[0]}, the first image was "
-                                     f"{size[1]}x{size[0]} (resize the data set first)")
-                images.append(arr)
-                labels.append(index[class_dir.name])
-        if skipped:
-            warnings.warn(f"skipped {len(skipped)} unreadable image file(s) in {str(folder)!r}, "
-                          f"e.g. {str(skipped[0])!r}", RuntimeWarning, stacklevel=2)
-        if not images:
-            raise ValueError(f"{str(folder)!r} holds no readable images (ImageFolder layout: "
-                             f"{folder.name}/<class>/<image>)")
-        arrays[split] = images, labels
-    rgb = any(a.ndim == 3 for images, _ in arrays.values() for a in images)
-    out = {split: (_as_nchw(f"{split} images of {str(root)!r}", np.stack(
-                       [np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a
-                        for a in images])),
-                   torch.tensor(labels, dtype=torch.int64))
-           for split, (images, labels) in arrays.items()}
-    return ImageData(root.name, *out["train"], *out["test"], classes)
+    scans = {split: _scan(root, folder, index) for split, folder in split_dirs.items()}
+    mode = "L" if all(m in GRAY_MODES for *_, modes in scans.values() for m in modes) else "RGB"
+    size = image_size or int(np.median([min(s) for s in scans["train"][2]]))
+    splits = {split: (ImageFiles(tuple(paths), mode, size, workers),
+                      torch.tensor(labels, dtype=torch.int64))
+              for split, (paths, labels, _, _) in scans.items()}
+    n_bytes = sum(len(files) for files, _ in splits.values()) * (3 if mode == "RGB" else 1) * size ** 2
+    if cache == "always" or cache == "auto" and n_bytes <= CACHE_BYTES:
+        for split, (files, labels) in list(splits.items()):
+            images, kept = files.read(range(len(files)))
+            if len(kept) < len(files):
+                warnings.warn(f"skipped {len(files) - len(kept)} unreadable image file(s) in "
+                              f"{str(split_dirs[split])!r}", RuntimeWarning, stacklevel=2)
+            splits[split] = images, labels[kept]
+    return ImageData(root.name, *splits["train"], *splits["test"], classes)
 
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0,

@@ -12,19 +12,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastcl.augment import to_input
+from fastcl.data import ImageFiles
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: Tensor, *, mean: Optional[Sequence[float]],
-                     std: Optional[Sequence[float]], batch_size: int = 512,
-                     device: torch.device | str = "cpu") -> Tensor:
-    """images (N, C, H, W) uint8 -> features (N, F) in float32 on the CPU."""
+def extract_features(encoder: nn.Module, images: Tensor | ImageFiles, *,
+                     mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                     batch_size: int = 512, device: torch.device | str = "cpu") -> Tensor:
+    """images (N, C, H, W) uint8, or ImageFiles (decoded to their centred squares, batch by
+    batch) -> features (N, F) in float32 on the CPU."""
     was_training = encoder.training
     encoder.eval()
+    starts = range(0, len(images), batch_size)
+    if isinstance(images, ImageFiles):
+        batches = (x for x, _, _ in images.loader(
+            [list(range(s, min(s + batch_size, len(images)))) for s in starts]))
+    else:
+        batches = (images[s:s + batch_size] for s in starts)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = to_input(images[start:start + batch_size].to(device), mean, std)
-        out.append(encoder(x).float().cpu())
+    for batch in batches:
+        out.append(encoder(to_input(batch.to(device), mean, std)).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -48,6 +55,17 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
         votes.scatter_add_(1, train_labels[idx], torch.exp(sim / temperature))
         preds.append(votes.argmax(1))
     return torch.cat(preds)
+
+
+def capped_knn_k(k: int, train_labels: Tensor) -> int:
+    """k, at most half the training images of the smallest class (and at least 1).
+
+    With k above a class's size, even features that put every image of a class nearest each other
+    make its queries' k neighbours mostly other classes: the vote then counts class sizes, not
+    neighbourhoods (k = 200 on 125 images a class). At half, a query's k nearest can all share its
+    class as long as half of that class is nearer to it than any other class's images."""
+    counts = torch.bincount(train_labels)
+    return max(1, min(k, int(counts[counts > 0].min()) // 2))
 
 
 def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,

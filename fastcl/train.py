@@ -3,8 +3,10 @@
 ``train(TrainConfig(...))`` runs a method on a data set and writes, under ``config.out``:
 
 - metrics.csv: one row per epoch (loss, lr, images/s, kNN top-1 on the test split, seconds);
-- metrics.json: the final knn_top1 and linear_top1 (fractions in [0, 1]) and the run's figures;
-- curves.png: the loss and kNN curves;
+- metrics.json: the final knn_top1 and linear_top1 (fractions in [0, 1]), the same two of the
+  encoder before training ("baseline": the same architecture and seed, random init), the k of
+  the kNN and the run's figures;
+- curves.png: the loss and kNN curves, the baseline's kNN dashed;
 - last.pt: the checkpoint, replaced after every epoch.
 
 Every file is replaced whole (``write_atomic``: temporary file in the same folder, fsync,
@@ -13,10 +15,11 @@ killed run left behind is removed when the next run of the folder starts. Option
 checkpoint to resume are all checked before the output folder is made: bad input is a ValueError
 that names the option or file, and nothing is written.
 
-Randomness is a function of (seed, epoch, step): the epoch's order comes from (seed, epoch) and each
-step's augmentation generator is re-seeded from (seed, step, rank), so a run resumed from last.pt
-draws exactly what the uninterrupted run would have drawn; with ``deterministic=True`` it
-reproduces it bit for bit.
+Randomness is a function of (seed, epoch, step): the epoch's order comes from (seed, epoch), a
+streamed image's decode-time crop from (seed, epoch, image index) whatever worker decodes it, and
+each step's augmentation generator is re-seeded from (seed, step, rank), so a run resumed from
+last.pt (which holds the seed and the epoch) draws exactly what the uninterrupted run would have
+drawn; with ``deterministic=True`` it reproduces it bit for bit.
 
 Under torchrun (WORLD_SIZE > 1) each process joins a process group (NCCL on GPU, gloo on CPU),
 takes its share of every global batch, the losses gather every rank's embeddings and gradients
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
@@ -39,7 +43,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastcl import evaluate
-from fastcl.data import ImageData, epoch_batches, load_data, steps_per_epoch
+from fastcl.data import (CACHE_CHOICES, ImageData, ImageFiles, default_workers, epoch_batches,
+                         load_data, steps_per_epoch)
 from fastcl.distributed import world
 from fastcl.methods import get_method
 from fastcl.models import BACKBONES, build_backbone
@@ -71,6 +76,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     knn_k: int = 200
+    image_size: Optional[int] = None  # an ImageFolder's side; None: its median shorter side
+    workers: Optional[int] = None  # DataLoader processes decoding an ImageFolder; None: per CPU
+    cache: str = "auto"  # an ImageFolder held in memory: auto (when small), always or never
     progress: bool = True
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +95,8 @@ class TrainConfig:
                 values[key] = default
         if values["width"] is None:
             values["width"] = 1.0
+        if values["workers"] is None:
+            values["workers"] = default_workers()
         values["hparams"] = {k: self.hparams.get(k, d) for k, (d, _) in method_cls.HPARAMS.items()}
         cfg = TrainConfig(**values)
         _require("optimizer", cfg.optimizer, cfg.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}")
@@ -104,6 +114,11 @@ class TrainConfig:
             f"an integer from 0 to --epochs - 1 = {cfg.epochs - 1} (the learning rate warms up to "
             f"its peak, then decays)")
         check_knn_k(cfg.knn_k)
+        _require("image_size", cfg.image_size, cfg.image_size is None or _is_int(
+            cfg.image_size) and cfg.image_size >= 4, "an integer >= 4 (pixels)")
+        _require("workers", cfg.workers, _is_int(cfg.workers) and cfg.workers >= 0,
+                 "an integer >= 0 (0 decodes in the training process)")
+        _require("cache", cfg.cache, cfg.cache in CACHE_CHOICES, f"one of {CACHE_CHOICES}")
         return cfg
 
 
@@ -281,8 +296,10 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     write_atomic(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Loss and kNN top-1 per epoch, side by side, as a PNG."""
+def plot_curves(history: list[dict], path: Path, title: str, *, k: int,
+                baseline_knn: Optional[float] = None) -> None:
+    """Loss and kNN top-1 (k neighbours) per epoch, side by side, as a PNG; the kNN top-1 of the
+    encoder before training dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,8 +309,12 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [row["loss"] for row in history], marker="o", ms=3)
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_knn.plot(epochs, [row["knn_top1"] for row in history], marker="o", ms=3, color="C1")
-    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title="kNN (k = 200) on the test split")
+    ax_knn.plot(epochs, [row["knn_top1"] for row in history], marker="o", ms=3, color="C1",
+                label="trained")
+    if baseline_knn is not None:
+        ax_knn.axhline(baseline_knn, ls="--", color="C7", label="random init")
+        ax_knn.legend(loc="best", fontsize="small")
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1", title=f"kNN (k = {k}) on the test split")
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
@@ -308,6 +329,14 @@ def _features(method: nn.Module, data: ImageData, device, mean, std):
     enc = method.backbone
     return (evaluate.extract_features(enc, data.x_train, mean=mean, std=std, device=device),
             evaluate.extract_features(enc, data.x_test, mean=mean, std=std, device=device))
+
+
+def _probe(method: nn.Module, data: ImageData, device, mean, std, k: int) -> dict:
+    """{knn_top1, linear_top1} of the method's evaluation encoder on the test split."""
+    train_f, test_f = _features(method, data, device, mean, std)
+    return dict(
+        knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=k),
+        linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f, data.y_test))
 
 
 @dataclass
@@ -325,7 +354,9 @@ class _Run:
     method: nn.Module
     optimizer: torch.optim.Optimizer
     n_steps: int  # optimizer steps per epoch
+    knn_k: int  # the kNN's k, capped for small classes (evaluate.capped_knn_k)
     out: Path
+    baseline: dict = field(default_factory=dict)  # _probe of the encoder before training
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     made_out: bool = False  # the run made the output folder (removed again if left empty)
@@ -347,9 +378,13 @@ def train(config: TrainConfig, *, data: Optional[ImageData] = None,
     """
     # Options, data and the checkpoint to resume are checked before the output folder is made.
     run = _build(config, data)
-    if run.cfg.resume:
-        _resume(run)
-    x_train, extra_sources = _training_tensors(run)
+    state = _checkpoint_to_resume(run) if run.cfg.resume else {}
+    x_train, extra_sources = _training_source(run)
+    if run.rank == 0:  # the encoder as built (no step taken), once per run: kept by a resume
+        run.baseline = state.get("baseline") or _probe(run.method, run.data, run.device,
+                                                       run.mean, run.std, run.knn_k)
+    if state:
+        _resume(run, state)
     _make_out(run)
     run.method.train()
     for epoch in range(run.start_epoch, run.cfg.epochs):
@@ -381,7 +416,8 @@ def _build(config: TrainConfig, data: Optional[ImageData]) -> _Run:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    data = data if data is not None else load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data, image_size=cfg.image_size,
+                                                   workers=cfg.workers, cache=cfg.cache)
     mean, std = data.stats()
 
     torch.manual_seed(cfg.seed)
@@ -397,14 +433,19 @@ def _build(config: TrainConfig, data: Optional[ImageData]) -> _Run:
         raise ValueError(f"--batch-size {cfg.batch_size} x {size} process(es) is larger than the "
                          f"{len(data.x_train)} training images")
     return _Run(cfg, device, rank, size, data, mean, std, method, optimizer, n_steps,
-                Path(cfg.out))
+                evaluate.capped_knn_k(cfg.knn_k, data.y_train), Path(cfg.out))
 
 
-def _resume(run: _Run) -> None:
-    """Loads last.pt of the output folder into the run's method and optimizer, after checking that
-    it was trained with this run's method, backbone, optimizer and data."""
+def _checkpoint_to_resume(run: _Run) -> dict:
+    """last.pt of the output folder, after checking that it was trained with this run's method,
+    backbone, optimizer and data."""
     state = load_checkpoint(run.ckpt_path)
     check_compatible(state, run.cfg, run.data, run.ckpt_path)
+    return state
+
+
+def _resume(run: _Run, state: dict) -> None:
+    """Loads a checkpoint (_checkpoint_to_resume) into the run's method and optimizer."""
     try:
         run.method.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -417,11 +458,12 @@ def _resume(run: _Run) -> None:
     run.history, run.start_epoch = state["history"], state["epoch"]
 
 
-def _training_tensors(run: _Run) -> tuple[Tensor, dict[str, Optional[Tensor]]]:
-    """The training images on the device, and the sources of the per-batch extras the method asks
-    for (Method.batch_extras) by name: "indices" (the batch's rows themselves) and "labels"."""
+def _training_source(run: _Run) -> tuple[Tensor | ImageFiles, dict[str, Optional[Tensor]]]:
+    """The training images (on the device, or the files to stream), and the sources of the
+    per-batch extras the method asks for (Method.batch_extras) by name: "indices" (the batch's
+    rows themselves) and "labels"."""
     extra_sources = {"indices": None, "labels": run.data.y_train.to(run.device)}
-    x_train = run.data.x_train.to(run.device)
+    x_train = run.data.x_train if run.data.streamed else run.data.x_train.to(run.device)
     unknown_extras = set(run.method.batch_extras) - set(extra_sources)
     if unknown_extras:
         raise ValueError(f"{run.cfg.method} asks for batch extras {sorted(unknown_extras)}; the "
@@ -437,7 +479,29 @@ def _make_out(run: _Run) -> None:
         remove_stale_temporaries(run.out)
 
 
-def _train_epoch(run: _Run, epoch: int, x_train: Tensor,
+def _epoch_images(run: _Run, epoch: int, x_train: Tensor | ImageFiles):
+    """The epoch's batches (images (B, C, S, S) uint8, indices (B,) int64), on the device: rows of
+    the images in memory, or the files decoded by DataLoader workers (each image a random crop
+    drawn from (seed, epoch, index); unreadable ones replaced by the next file, and counted)."""
+    cfg, device = run.cfg, run.device
+    batches = epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                            rank=run.rank, world_size=run.size)
+    if isinstance(x_train, Tensor):
+        for idx in batches:
+            idx = idx.to(device)
+            yield x_train[idx], idx
+        return
+    unreadable = 0
+    for images, idx, readable in x_train.loader([b.tolist() for b in batches],
+                                                seed=(cfg.seed, epoch)):
+        unreadable += int((~readable).sum())
+        yield images.to(device, non_blocking=True), idx.to(device)
+    if unreadable:
+        warnings.warn(f"epoch {epoch + 1}: {unreadable} unreadable image file(s) replaced by the "
+                      f"next readable one", RuntimeWarning, stacklevel=2)
+
+
+def _train_epoch(run: _Run, epoch: int, x_train: Tensor | ImageFiles,
                  extra_sources: dict[str, Optional[Tensor]]) -> dict:
     """One epoch of optimizer steps: per step the scheduled lr, the augmentation generator
     re-seeded from (seed, step, rank), the method's loss, backward, gradients averaged over ranks,
@@ -450,15 +514,13 @@ def _train_epoch(run: _Run, epoch: int, x_train: Tensor,
     warmup_steps = cfg.warmup_epochs * run.n_steps
     t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
     bar = _progress(cfg, run.rank, epoch, run.n_steps)
-    for i, idx in enumerate(epoch_batches(len(x_train), cfg.batch_size, seed=cfg.seed,
-                                          epoch=epoch, rank=run.rank, world_size=run.size)):
+    for i, (images, idx) in enumerate(_epoch_images(run, epoch, x_train)):
         step = epoch * run.n_steps + i
         lr = cosine_with_warmup(step, run.total_steps, warmup_steps, cfg.lr)
         set_lr(optimizer, lr)
         g.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + run.rank)
-        idx = idx.to(device)
         with torch.no_grad():
-            views = method.augment(x_train[idx], g)
+            views = method.augment(images, g)
         extras = {name: idx if name == "indices" else extra_sources[name][idx]
                   for name in method.batch_extras}
         with autocast:
@@ -506,10 +568,9 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: dict) -> tuple[dict, float]:
     features on the test split, the method's own figures (Method.monitor) and the seconds of the
     epoch including this evaluation; and the kNN top-1 unrounded."""
     train_f, test_f = _features(run.method, run.data, run.device, run.mean, run.std)
-    knn = evaluate.knn_accuracy(train_f, run.data.y_train, test_f, run.data.y_test,
-                                k=run.cfg.knn_k)
+    knn = evaluate.knn_accuracy(train_f, run.data.y_train, test_f, run.data.y_test, k=run.knn_k)
     monitor = run.method.monitor(run.data, mean=run.mean, std=run.std, device=run.device,
-                                 k=run.cfg.knn_k)
+                                 k=run.knn_k)
     row = dict(epoch=epoch + 1, loss=round(stats["loss"], 6), lr=round(stats["lr"], 8),
                images_per_s=round(stats["seen"] / stats["train_seconds"], 1),
                knn_top1=round(knn, 5), **{key: round(value, 5) for key, value in monitor.items()},
@@ -518,29 +579,30 @@ def _evaluate_epoch(run: _Run, epoch: int, stats: dict) -> tuple[dict, float]:
 
 
 def _write_epoch(run: _Run, epoch: int) -> None:
-    """Replaces last.pt (options, data description, model, optimizer, history) and metrics.csv,
-    each atomically."""
+    """Replaces last.pt (options, data description, sampler state, model, optimizer, history,
+    baseline) and metrics.csv, each atomically. The sampler's state is (seed, epoch): the next
+    epoch's order and decode-time crops are drawn from them alone."""
     data = run.data
     save_checkpoint(run.ckpt_path, dict(
         format=CHECKPOINT_FORMAT, config=asdict(run.cfg), epoch=epoch + 1,
         data=dict(name=data.name, channels=data.channels, image_size=data.image_size,
-                  mean=run.mean, std=run.std, num_items=len(data.x_train)),
+                  mean=run.mean, std=run.std, num_items=len(data.x_train),
+                  streamed=data.streamed),
+        sampler=dict(seed=run.cfg.seed, epoch=epoch + 1),
         model=run.method.state_dict(), optimizer=run.optimizer.state_dict(),
-        history=run.history))
+        history=run.history, baseline=run.baseline))
     _write_csv(run.out / "metrics.csv", run.history)
 
 
 def _finish(run: _Run) -> dict:
-    """The final kNN and linear-probe top-1 and the run's figures, written to metrics.json, and
-    the curves of the history to curves.png; -> the metrics."""
+    """The final kNN and linear-probe top-1 beside the encoder's before training (baseline), the
+    kNN's k and the run's figures, written to metrics.json, and the curves of the history to
+    curves.png; -> the metrics."""
     cfg, data, history = run.cfg, run.data, run.history
-    train_f, test_f = _features(run.method, data, run.device, run.mean, run.std)
     result = dict(
         method=cfg.method, backbone=cfg.backbone, data=data.name, epochs=cfg.epochs,
-        knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test,
-                                       k=cfg.knn_k),
-        linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f,
-                                                   data.y_test),
+        **_probe(run.method, data, run.device, run.mean, run.std, run.knn_k),
+        baseline=run.baseline, knn_k=run.knn_k,
         images_per_s=round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
         train_seconds=round(sum(r["seconds"] for r in history), 1),
     )
@@ -548,8 +610,17 @@ def _finish(run: _Run) -> dict:
                  lambda f: f.write(json.dumps(result, indent=2).encode()))
     if history:
         plot_curves(history, run.out / "curves.png", f"{cfg.method} / {cfg.backbone} on "
-                                                     f"{data.name}")
+                                                     f"{data.name}", k=run.knn_k,
+                    baseline_knn=run.baseline["knn_top1"])
     return result
+
+
+def summary_line(result: dict) -> str:
+    """The final metrics beside the random-init baseline's, in one line."""
+    base = result["baseline"]
+    return (f"{result['method']} on {result['data']}: kNN top-1 {result['knn_top1']:.4f} "
+            f"(random init {base['knn_top1']:.4f}, k = {result['knn_k']}), linear top-1 "
+            f"{result['linear_top1']:.4f} (random init {base['linear_top1']:.4f})")
 
 
 def _progress(cfg: TrainConfig, rank: int, epoch: int, n_steps: int):
@@ -573,8 +644,10 @@ def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None
     dev = pick_device(device)
     state = load_checkpoint(path)
     cfg = TrainConfig(**state["config"])
-    data = load_data(data_path if data_path is not None else cfg.data)
     info = state["data"]
+    data = load_data(data_path if data_path is not None else cfg.data,
+                     image_size=info["image_size"] if _is_folder(data_path or cfg.data) else None,
+                     workers=cfg.workers, cache=cfg.cache)
     if (data.channels, data.image_size) != (info["channels"], info["image_size"]):
         raise ValueError(f"checkpoint {str(path)!r} was trained on {info['channels']}-channel "
                          f"{info['image_size']}px images, --data has {data.channels}-channel "
@@ -583,10 +656,13 @@ def evaluate_checkpoint(path: str | os.PathLike, data_path: Optional[str] = None
                           num_items=info.get("num_items", 0))
     method.load_state_dict(state["model"])
     method.to(dev)
-    train_f, test_f = _features(method, data, dev, info["mean"], info["std"])
-    return dict(
-        checkpoint=str(path), method=cfg.method, backbone=cfg.backbone, data=data.name,
-        epoch=state["epoch"],
-        knn_top1=evaluate.knn_accuracy(train_f, data.y_train, test_f, data.y_test, k=k),
-        linear_top1=evaluate.linear_probe_accuracy(train_f, data.y_train, test_f, data.y_test),
-    )
+    k = evaluate.capped_knn_k(k, data.y_train)
+    return dict(checkpoint=str(path), method=cfg.method, backbone=cfg.backbone, data=data.name,
+                epoch=state["epoch"], **_probe(method, data, dev, info["mean"], info["std"], k),
+                knn_k=k)
+
+
+def _is_folder(path: Optional[str]) -> bool:
+    """Whether --data `path` is a folder of train/ and val/ or test/ (an ImageFolder, cut to the
+    checkpoint's image size when evaluated)."""
+    return path is not None and (Path(path) / "train").is_dir()

@@ -84,10 +84,10 @@ def test_harder_set_runs_take_their_overrides(monkeypatch):
 
     def fake_train(cfg, data):
         trained.append((data, cfg.epochs, cfg.hparams["queue_size"]))
-        return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0)
+        return dict(knn_top1=0.5, linear_top1=0.5, images_per_s=1.0,
+                    baseline=dict(knn_top1=0.1, linear_top1=0.1))
 
     monkeypatch.setattr(module, "load_data", lambda name: name)
-    monkeypatch.setattr(module, "random_init", lambda cfg, data: (0.1, 0.1))
     monkeypatch.setattr(module, "train", fake_train)
     rows = module.run(["digits", "digits-shift"], ["mocov2"], None)
     assert module.OVERRIDES[("digits-shift", "mocov2")] == dict(epochs=60, queue_size=128)
@@ -193,3 +193,28 @@ def test_ring_smoke(tmp_path):
     assert all(r["mib"] > 0 and r["ms"] > 0 for r in rows)
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_stream_script_smoke(tmp_path):
+    """benchmarks/stream.py on a tiny folder: make, the loader alone, the step alone, and watch's
+    memory of a command's process tree."""
+    import os
+
+    script = BENCHMARKS / "stream.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH", "")]))
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, str(script), *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run("make", tmp_path / "d", "--train", 20, "--val", 10, "--side", 32)
+    assert len(list((tmp_path / "d" / "train").glob("class*/*.jpg"))) == 20
+    assert "images/s" in run("load", tmp_path / "d", "--image-size", 16, "--workers", 0,
+                             "--batch-size", 4, "--batches", 2)
+    assert "images/s" in run("step", "--image-size", 16, "--batch-size", 4, "--steps", 1)
+    out = run("watch", "--", sys.executable, "-c", "import numpy; a = numpy.ones(2 ** 25)")
+    pss = float(out.split("PSS ")[1].split()[0])
+    assert 256 <= pss < 2048, out  # the 256 MiB array counts

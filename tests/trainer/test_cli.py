@@ -84,6 +84,29 @@ def test_train_eval_and_wrong_checkpoint(tmp_path, tiny_npz, capsys):
     assert "trained with method 'simclr'" in capsys.readouterr().err
 
 
+def test_train_streams_an_image_folder_of_any_size(tmp_path, capsys):
+    """Images of many sizes, none square, streamed by two workers at --image-size 12 and evaluated
+    again at the checkpoint's size; the last line printed sets the result beside the random-init
+    baseline."""
+    from fastcl.train import load_checkpoint
+
+    for split, n in (("train", 12), ("val", 6)):
+        for i in range(n):
+            _image(tmp_path / "d" / split / "ab"[i % 2] / f"{i}.png", side=10 + i,
+                   height=8 + 2 * i)
+    out = tmp_path / "run"
+    assert main(["train", "simclr", "--data", str(tmp_path / "d"), "--out", str(out), *TINY,
+                 "--image-size", "12", "--workers", "2", "--cache", "never"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"kNN top-1 {metrics['knn_top1']:.4f} (random init " \
+           f"{metrics['baseline']['knn_top1']:.4f}, k = {metrics['knn_k']})" in last
+    state = load_checkpoint(out / "last.pt")
+    assert state["data"]["streamed"] and state["data"]["image_size"] == 12
+    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["knn_k"] == metrics["knn_k"] == 3
+
+
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_config_file(tmp_path, tiny_npz, suffix):
     out = tmp_path / "run"
@@ -156,10 +179,9 @@ def _bad_input(case, tmp_path):
     if case == "non-square npz":
         return (["--data", write_npz(tmp_path / "d.npz", x_train=x[:, :, :6], x_test=x[:8, :, :6])],
                 ["x_train", "d.npz", "square"])
-    if case == "non-square image":
-        _image(tmp_path / "d" / "train" / "a" / "0.png", side=10, height=8)
-        _image(tmp_path / "d" / "val" / "a" / "0.png", side=10, height=8)
-        return ["--data", tmp_path / "d"], ["0.png", "10x8", "square"]
+    if case == "image-size of arrays":
+        return ["--data", write_npz(tmp_path / "d.npz"), "--image-size", "16"], [
+            "--image-size 16", "8 px", "ImageFolder"]
     if case == "val is a file":
         _image(tmp_path / "d" / "train" / "a" / "0.png")
         (tmp_path / "d" / "val").write_text("not a folder")
@@ -174,13 +196,14 @@ def _bad_input(case, tmp_path):
                "weight-decay -1": ["--weight-decay", "-1"],
                "warmup-epochs -1": ["--warmup-epochs", "-1"],
                "warmup-epochs = epochs": ["--warmup-epochs", "1"],
-               "batch-size 1": ["--batch-size", "1"]}[case]
+               "batch-size 1": ["--batch-size", "1"], "workers -1": ["--workers", "-1"],
+               "image-size 2": ["--image-size", "2"]}[case]
     return options, [options[0]]
 
 
 @pytest.mark.parametrize("case", [
     "negative label", "float label", "huge label", "nan pixels", "non-square npz",
-    "non-square image", "val is a file", "broken toml", "broken yaml", "knn-k 0", "knn-k -5",
+    "image-size of arrays", "workers -1", "image-size 2", "val is a file", "broken toml", "broken yaml", "knn-k 0", "knn-k -5",
     "device gpu0", pytest.param("device cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has CUDA")),
     "lr inf", "weight-decay nan", "weight-decay -1", "warmup-epochs -1",

@@ -153,10 +153,106 @@ def test_image_folder_all_gray_is_one_channel(tmp_path):
     assert load_data(tmp_path).x_train.shape == (6, 1, 8, 8)
 
 
-def test_image_folder_mixed_sizes(tmp_path):
-    _image_folder(tmp_path, sizes={("train", "b", 1): 10})
-    with pytest.raises(ValueError, match="same size"):
-        load_data(tmp_path)
+def _mixed_folder(root):
+    """An ImageFolder of every size and mode: square and not, gray, palette, RGBA, PNG, JPEG,
+    WebP, one file that is not an image at all and one PNG cut in half (its header reads, its
+    pixels do not)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shapes = [(8, 8), (9, 12), (31, 20), (7, 5), (40, 64)]
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i, (h, w) in enumerate(shapes):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
+    Image.fromarray(np.arange(96, dtype=np.uint8).reshape(8, 12), "L").save(
+        root / "train" / "a" / "gray.webp", lossless=True)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(
+        root / "train" / "a" / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), "RGBA").save(
+        root / "train" / "b" / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(
+        root / "train" / "b" / "photo.jpg", quality=90)
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    whole = (root / "train" / "a" / "0.png").read_bytes()
+    (root / "train" / "b" / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_streams_any_size_and_mode(tmp_path, workers):
+    """Streamed (cache never): every image cut to --image-size whatever its size and mode, gray
+    ones as R = G = B; the unreadable file is skipped when the folder is read, the truncated one
+    when it is decoded (replaced by the next file, flagged); a batch's random crops depend on the
+    seed and index, not on the number of workers."""
+    from fastcl.data import ImageFiles, decode_image
+
+    _mixed_folder(tmp_path)
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+        data = load_data(tmp_path, image_size=12, workers=workers, cache="never")
+    assert data.streamed and data.channels == 3 and data.image_size == 12
+    files = data.x_train
+    assert isinstance(files, ImageFiles) and len(files) == 15 and files.workers == workers
+    batches = [list(range(0, 8)), list(range(8, 15))]
+    seen = [(x.clone(), i.clone(), ok.clone())
+            for x, i, ok in files.loader(batches, seed=(3, 1))]
+    images = torch.cat([x for x, _, _ in seen])
+    indices = torch.cat([i for _, i, _ in seen])
+    readable = torch.cat([ok for _, _, ok in seen])
+    assert images.shape == (15, 3, 12, 12) and images.dtype == torch.uint8
+    truncated = files.paths.index(str(tmp_path / "train" / "b" / "truncated.png"))
+    assert readable.tolist() == [i != truncated for i in range(15)]
+    after = (truncated + 1) % 15  # the next file, from the start after the last
+    assert indices[truncated] == after and torch.equal(images[truncated], images[after])
+    gray = files.paths.index(str(tmp_path / "train" / "a" / "gray.webp"))
+    assert torch.equal(images[gray, 0], images[gray, 1]) and torch.equal(images[gray, 0],
+                                                                         images[gray, 2])
+    # The same draws in another worker layout (one batch, workers 0), other draws another epoch.
+    again = ImageFiles(files.paths, "RGB", 12, 0)
+    (x0, _, _), = again.loader([list(range(15))], seed=(3, 1))
+    assert torch.equal(x0, images)
+    (x1, _, _), = again.loader([list(range(15))], seed=(3, 2))
+    assert not torch.equal(x1, images)
+    # Evaluation: the centred square of each image, resized.
+    (centred, _, _), = again.loader([[gray]])
+    expected = decode_image(files.paths[gray], "RGB", 12)
+    assert torch.equal(centred[0], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_image_folder_cached_is_the_streamed_evaluation_view(tmp_path):
+    """--cache auto holds a small folder in memory: the centred squares that streaming evaluates,
+    the truncated file dropped with its label."""
+    _mixed_folder(tmp_path)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        cached = load_data(tmp_path, image_size=10)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        streamed = load_data(tmp_path, image_size=10, cache="never")
+    assert not cached.streamed and cached.x_train.shape == (14, 3, 10, 10)
+    images, kept = streamed.x_train.read(range(len(streamed.x_train)))
+    assert torch.equal(cached.x_train, images) and len(kept) == 14
+    assert torch.equal(cached.y_train, streamed.y_train[kept])
+    assert torch.equal(cached.x_test, streamed.x_test.read(range(10))[0])
+    # The default side: the median shorter side of the training images.
+    with pytest.warns(RuntimeWarning):
+        assert load_data(tmp_path).image_size == 9
+
+
+def test_crop_box_follows_torchvision_sampling():
+    """torchvision's RandomResizedCrop.get_params: crops inside the image with area and aspect in
+    range (up to rounding); when 10 tries cannot fit, the centred crop with the ratio clamped."""
+    from fastcl.data import crop_box
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        left, top, w, h = crop_box(50, 30, (0.25, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= left and left + w <= 50 and 0 <= top and top + h <= 30
+        assert 0.25 * 1500 * 0.9 <= w * h <= 1500 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    # Area 1 of a 2:1 image with a ratio of at most 4/3 never fits: the centred 4:3 crop.
+    assert crop_box(20, 10, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (3, 0, 13, 10)
+    assert crop_box(10, 20, (1.0, 1.0), (3 / 4, 4 / 3), rng) == (0, 3, 10, 13)
+    assert crop_box(12, 12, (1.0, 1.0), (1.0, 1.0), rng) == (0, 0, 12, 12)
 
 
 @pytest.mark.parametrize("case, match", [

@@ -73,3 +73,12 @@ def test_extract_features_eval_mode_and_batches():
     b = evaluate.extract_features(net, images, mean=[0.5], std=[0.5], batch_size=10)
     assert a.shape == (10, 36) and net.training  # restored to train mode
     torch.testing.assert_close(a, b)  # eval-mode BN: batches do not interact
+
+
+def test_capped_knn_k():
+    """k at most half the smallest class's training images, at least 1; classes without images
+    (labels skipped) do not count."""
+    labels = torch.tensor([0] * 125 + [1] * 300 + [3] * 90)
+    assert evaluate.capped_knn_k(200, labels) == 45
+    assert evaluate.capped_knn_k(20, labels) == 20
+    assert evaluate.capped_knn_k(200, torch.tensor([0, 1, 1, 1])) == 1

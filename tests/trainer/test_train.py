@@ -73,6 +73,10 @@ def test_exact_resume(tmp_path, method):
     with pytest.raises(KeyboardInterrupt):
         train(parts, data=tiny_data(), on_epoch_end=_interrupt_after_first_epoch)
     assert load_checkpoint(tmp_path / "parts" / "last.pt")["epoch"] == 1
+    if method == "swav":  # a checkpoint without a baseline: probed on the encoder as built
+        state = load_checkpoint(tmp_path / "parts" / "last.pt")
+        del state["baseline"]
+        save_checkpoint(tmp_path / "parts" / "last.pt", state)
     parts.resume = True
     train(parts, data=tiny_data())
     a = load_checkpoint(tmp_path / "full" / "last.pt")
@@ -81,6 +85,10 @@ def test_exact_resume(tmp_path, method):
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
     assert a["history"][1]["loss"] == b["history"][1]["loss"]
+    assert a["baseline"] == b["baseline"]  # computed once, before the first epoch, kept by resume
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("full", "parts")]
+    assert metrics[0] == {**metrics[1], "train_seconds": metrics[0]["train_seconds"],
+                          "images_per_s": metrics[0]["images_per_s"]}
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -238,3 +246,80 @@ def test_training_crops_keep_the_data_min_crop_side(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, epochs=1), data=data)
     assert built[0].min_crop_side == 13
     assert all(r.scale[0] >= (13 / 16) ** 2 - 1e-9 for r in built[0].recipes)
+
+
+def _tiny_folder(root, data):
+    """`data`'s images as an ImageFolder of PNGs, every third one enlarged to a 12x10 rectangle
+    (train/ and val/, classes top and bottom)."""
+    from PIL import Image
+
+    for split, x, y in (("train", data.x_train, data.y_train), ("val", data.x_test, data.y_test)):
+        for i, (image, label) in enumerate(zip(x, y)):
+            folder = root / split / data.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(image[0].numpy(), "L")
+            (im.resize((12, 10)) if i % 3 == 0 else im).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_streamed_training_resumes_exactly_with_workers(tmp_path):
+    """A streamed ImageFolder (cache never): the same run with 0 or 2 decoding workers, and with
+    2 workers interrupted after its first epoch and resumed, ends with the same weights."""
+    folder = str(_tiny_folder(tmp_path / "data", tiny_data(n_train=48, n_test=16)))
+    options = dict(data=folder, image_size=8, cache="never", epochs=2)
+    train(tiny_config(tmp_path / "w0", workers=0, **options))
+    train(tiny_config(tmp_path / "w2", workers=2, **options))
+    parts = tiny_config(tmp_path / "parts", workers=2, **options)
+    with pytest.raises(KeyboardInterrupt):
+        train(parts, on_epoch_end=_interrupt_after_first_epoch)
+    state = load_checkpoint(tmp_path / "parts" / "last.pt")
+    assert state["sampler"] == {"seed": 0, "epoch": 1} and state["data"]["streamed"]
+    parts.resume = True
+    train(parts)
+    runs = [_weights(tmp_path / run / "last.pt") for run in ("w0", "w2", "parts")]
+    for key, tensor in runs[0].items():
+        assert torch.equal(tensor, runs[1][key]) and torch.equal(tensor, runs[2][key]), key
+    # Streamed and cached runs crop differently (decode-time crops only when streamed).
+    train(tiny_config(tmp_path / "cached", workers=0, **{**options, "cache": "always"}))
+    cached = _weights(tmp_path / "cached" / "last.pt")
+    assert not all(torch.equal(t, cached[k]) for k, t in runs[0].items())
+
+
+def test_baseline_is_the_untrained_encoder_and_knn_k_is_capped(tmp_path, monkeypatch):
+    """metrics.json's baseline is the probe of the encoder as built (same architecture and seed),
+    taken before the first step; every kNN of the run uses k capped to half the smallest
+    class's training images."""
+    import fastcl.train as train_module
+    from fastcl import evaluate
+
+    data = tiny_data()
+    probed, ks = [], []
+    probe, knn = train_module._probe, evaluate.knn_accuracy
+
+    def recording_probe(method, *args, **kwargs):
+        probed.append({k: v.clone() for k, v in method.backbone.state_dict().items()})
+        return probe(method, *args, **kwargs)
+
+    def recording_knn(*args, k, **kwargs):
+        ks.append(k)
+        return knn(*args, k=k, **kwargs)
+
+    monkeypatch.setattr(train_module, "_probe", recording_probe)
+    monkeypatch.setattr(evaluate, "knn_accuracy", recording_knn)
+    config = tiny_config(tmp_path, epochs=2)
+    result = train(config, data=data)
+    assert set(ks) == {result["knn_k"]} and len(ks) == 4  # baseline, 2 epochs, final
+    untrained = train_module._build(config, data)  # the same options and seed, no step taken
+    initial = untrained.method.backbone.state_dict()
+    assert len(probed) == 2  # the baseline, then the final metrics
+    assert all(torch.equal(t, initial[k]) for k, t in probed[0].items())
+    assert not all(torch.equal(t, initial[k]) for k, t in probed[1].items())
+    expected = probe(untrained.method, data, torch.device("cpu"), untrained.mean, untrained.std,
+                     result["knn_k"])
+    assert result["baseline"] == expected
+    smallest = int(torch.bincount(data.y_train).min())
+    assert result["knn_k"] == smallest // 2 < config.knn_k
