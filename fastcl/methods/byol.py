@@ -7,8 +7,9 @@ batch means; projector z and predictor q are Linear, BN, ReLU, Linear without bi
 own (BN statistics per view, as the official code's). After optimizer step k (from 0) the target
 follows the online encoder and projector through fastcl.momentum_update with
 tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 (fastcl.cosine_schedule from tau_base to 1 over
-the run's K steps; the official code's target_ema at the step's global_step). Asymmetric augmentation: blur
-p 1.0 / 0.1, solarize p 0 / 0.2, color jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, flip.
+the run's K steps; the official code's target_ema at the step's global_step). Asymmetric
+augmentation: blur p 1.0 / 0.1, solarize p 0 / 0.2, color jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
+grayscale 0.2, flip.
 """
 from __future__ import annotations
 

@@ -32,6 +32,18 @@ def sgd(parameters, lr=0.03, momentum=0.9, weight_decay=1e-4):
                            momentum=momentum, weight_decay=weight_decay)
 
 
+def trainer_step(method, optimizer, views, step, total_steps, *, epoch=0, scale=1.0, **extras):
+    """One step of method as the trainer takes it (loss * scale backward, after_backward, the
+    optimizer, after_step); returns the unscaled loss."""
+    loss = method(views, epoch=epoch, **extras)
+    optimizer.zero_grad()
+    (scale * loss).backward()
+    method.after_backward(epoch)
+    optimizer.step()
+    method.after_step(step, total_steps)
+    return loss
+
+
 def assert_same(fast, official, what, tol=TOL):
     """Two equally long lists of tensors (or of parameters' .grad when grad=True) agree."""
     assert len(fast) == len(official), f"{what}: {len(fast)} != {len(official)} tensors"

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_same, float64_method, params,
-                                           random_views, sgd)
+from tests.methods.official.common import (TOL, assert_same, float64_method, params, random_views,
+                                           sgd, trainer_step)
 
 
 def mlp(in_dim, hidden_size, output_size):
@@ -76,12 +76,7 @@ def test_byol_steps_match_official():
     fast_opt, official_opt = sgd(fast_params, lr=0.1), sgd(online.parameters(), lr=0.1)
     for global_step in range(steps):
         view1, view2 = random_views(2, seed=global_step)
-        loss = fast([view1, view2])
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(global_step, steps)
+        loss = trainer_step(fast, fast_opt, [view1, view2], global_step, steps)
 
         inputs = dict(view1=view1, view2=view2)
         online_network_out = online(inputs)

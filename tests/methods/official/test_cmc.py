@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           params, random_views, sgd)
+from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
+                                           random_views, sgd, trainer_step)
 
 N, K, B = 32, 16, 8
 
@@ -107,12 +107,7 @@ def test_cmc_steps_match_official():
         index = torch.randperm(N, generator=g)[:B]
         idx = torch.randint(0, N, (B, K + 1), generator=g)  # official: AliasMethod.draw
         idx.select(1, 0).copy_(index)
-        loss = fast([crop, idx[:, 1:].clone()], indices=index)
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(step, 3)
+        loss = trainer_step(fast, fast_opt, [crop, idx[:, 1:].clone()], step, 3, indices=index)
 
         l, ab = fast.backbone.split(crop)  # the data pipeline's L and ab (not the training step)
         feat_l, feat_ab = l_to_ab(l), ab_to_l(ab)

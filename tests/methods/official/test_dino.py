@@ -16,7 +16,8 @@ from torch import nn
 
 from fastcl.optim import build_optimizer
 from tests.helpers import assert_close
-from tests.methods.official.common import TOL, assert_same, float64_method, random_views
+from tests.methods.official.common import (TOL, assert_same, float64_method, random_views,
+                                           trainer_step)
 
 
 class OfficialDINOHead(nn.Module):
@@ -201,12 +202,7 @@ def test_dino_steps_match_official(use_bn, norm_last_layer):
     official_opt = torch.optim.AdamW(get_params_groups(student), lr=1e-3, weight_decay=0.04)
     for epoch in range(epochs):
         images = random_views(2, seed=epoch) + random_views(2, side=4, seed=10 + epoch)
-        loss = fast(images, epoch=epoch)
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(epoch)
-        fast_opt.step()
-        fast.after_step(epoch, epochs)
+        loss = trainer_step(fast, fast_opt, images, epoch, epochs, epoch=epoch)
 
         teacher_output = teacher(images[:2])
         student_output = student(images)

@@ -4,7 +4,6 @@ method and the official training step (main.py: lib/NCEAverage.py NCEAverage + l
 NCECriterion, or lib/LinearAverage.py LinearAverage + cross-entropy over the whole bank, SGD); the
 loss, every gradient, the parameters, the memory bank and Z agree over three steps."""
 import copy
-import math
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch.autograd import Function
 
 from tests.helpers import assert_close
 from tests.methods.official.common import (assert_grads, assert_same, float64_method, params,
-                                           random_views, sgd)
+                                           random_views, sgd, trainer_step)
 
 TOL = 1e-9
 N, K, B = 32, 16, 8
@@ -148,12 +147,7 @@ def test_instdisc_steps_match_official(loss):
         else:  # every row but the anchor's own
             negatives = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, N)])
                                      for i in index.tolist()])
-        loss_value = fast([images, negatives], indices=index)
-        fast_opt.zero_grad()
-        loss_value.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(step, 3)
+        loss_value = trainer_step(fast, fast_opt, [images, negatives], step, 3, indices=index)
 
         feature = model(images)
         if loss == "nce":

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           params, random_views, sgd)
+from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
+                                           random_views, sgd, trainer_step)
 
 
 class OfficialMoCo(nn.Module):
@@ -82,12 +82,7 @@ def test_moco_steps_match_official(version):
     criterion = nn.CrossEntropyLoss()  # main_moco.py
     for step in range(3):
         im_q, im_k = random_views(2, seed=step)
-        loss = fast([im_q, im_k])
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(step, 3)
+        loss = trainer_step(fast, fast_opt, [im_q, im_k], step, 3)
 
         output, target = official(im_q, im_k)
         official_loss = criterion(output, target)

@@ -12,8 +12,8 @@ from torch import nn
 
 from fastcl.optim import build_optimizer
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           params, random_views)
+from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
+                                           random_views, trainer_step)
 
 
 def _build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
@@ -144,12 +144,7 @@ def test_mocov3_steps_match_official(backbone):
         official_opt = LARS(official_params, lr, weight_decay=1e-6, momentum=0.9)
     for step in range(3):
         x1, x2 = random_views(2, seed=step)
-        loss = fast([x1, x2])
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(step, 3)
+        loss = trainer_step(fast, fast_opt, [x1, x2], step, 3)
 
         official_loss = official(x1, x2, adjust_moco_momentum(step, 3, 0.99))
         official_opt.zero_grad()

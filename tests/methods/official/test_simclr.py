@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           params, random_views, sgd)
+from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
+                                           random_views, sgd, trainer_step)
 
 LARGE_NUM = 1e9
 
@@ -70,10 +70,8 @@ def test_simclr_steps_match_official():
     fast_opt, official_opt = sgd(fast_params, lr=0.1), sgd(official_params, lr=0.1)
     for step in range(3):
         views = random_views(2, seed=step)
-        loss = fast(views)
-        fast_opt.zero_grad()
-        (2 * loss).backward()  # the official loss: the two directions summed
-        fast_opt.step()
+        # Backward of 2 x the loss: the official loss sums the two directions.
+        loss = trainer_step(fast, fast_opt, views, step, 3, scale=2.0)
 
         features = torch.cat(views, 0)  # model.py: the transforms concatenated on the batch
         official_loss = add_contrastive_loss(official(features), 0.1)

@@ -11,7 +11,7 @@ from torch import nn
 from fastcl.optim import build_optimizer, cosine_with_warmup, set_lr
 from tests.helpers import assert_close
 from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           random_views)
+                                           random_views, trainer_step)
 
 
 class OfficialSimSiam(nn.Module):
@@ -73,12 +73,7 @@ def test_simsiam_steps_match_official():
     for step in range(steps):
         x1, x2 = random_views(2, seed=step)
         set_lr(fast_opt, cosine_with_warmup(step, steps, 0, init_lr))
-        loss = fast([x1, x2])
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(0)
-        fast_opt.step()
-        fast.after_step(step, steps)
+        loss = trainer_step(fast, fast_opt, [x1, x2], step, steps)
 
         adjust_learning_rate(official_opt, init_lr, step, steps)
         p1, p2, z1, z2 = official(x1, x2)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method,
-                                           params, random_views, sgd)
+from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
+                                           random_views, sgd, trainer_step)
 
 
 class SupConLoss(nn.Module):
@@ -84,10 +84,7 @@ def test_supcon_steps_match_official(supervised):
         views = random_views(2, seed=step)
         labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(step))
         extras = dict(labels=labels) if supervised else {}
-        loss = fast(views, **extras)
-        fast_opt.zero_grad()
-        loss.backward()
-        fast_opt.step()
+        loss = trainer_step(fast, fast_opt, views, step, 3, **extras)
 
         images = torch.cat([views[0], views[1]], dim=0)
         bsz = 8

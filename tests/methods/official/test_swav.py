@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_same, float64_method, params,
-                                           random_views, sgd)
+from tests.methods.official.common import (TOL, assert_same, float64_method, params, random_views,
+                                           sgd, trainer_step)
 
 EPSILON, SINKHORN_ITERATIONS, TEMPERATURE = 0.05, 3, 0.1
 
@@ -120,12 +120,7 @@ def test_swav_steps_match_official():
     for step in range(3):
         epoch = min(step, 1)  # the prototypes frozen in epoch 0 = iteration 0
         crops = random_views(2, seed=step) + random_views(2, side=4, seed=10 + step)
-        loss = fast(crops, epoch=epoch)
-        fast_opt.zero_grad()
-        loss.backward()
-        fast.after_backward(epoch)
-        fast_opt.step()
-        fast.after_step(step, 3)
+        loss = trainer_step(fast, fast_opt, crops, step, 3, epoch=epoch)
 
         official_loss, grads = official_step(official, official_opt, crops, queue, step, 1)
         assert_close(loss, official_loss, TOL, f"step {step} loss")
