@@ -187,14 +187,17 @@ def build_backbone(name: str, *, in_channels: int = 3, image_size: int = 32,
 
 
 def mlp(dims: Sequence[int], *, batch_norm: bool = True, last_batch_norm: bool = False,
-        last_affine: bool = True, activation: type = nn.ReLU) -> nn.Sequential:
+        last_affine: bool = True, last_bias: bool = True,
+        activation: type = nn.ReLU) -> nn.Sequential:
     """Linear layers dims[0] -> ... -> dims[-1]; hidden layers get BatchNorm (optional) and the
-    activation, the last one optionally a BatchNorm (affine or not)."""
+    activation, the last one optionally a BatchNorm (affine or not). Linear layers followed by
+    BatchNorm have no bias; last_bias=False drops the last one's in any case (MoCo v3's
+    predictor)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
         layers.append(nn.Linear(a, b, bias=not (batch_norm and not last) and
-                                not (last and last_batch_norm)))
+                                not (last and (last_batch_norm or not last_bias))))
         if not last:
             if batch_norm:
                 layers.append(nn.BatchNorm1d(b))

@@ -11,7 +11,8 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "methods.py"
-FAMILIES = ["contrastive", "dino", "dino_head", "sinkhorn", "momentum", "bank", "siglip"]
+FAMILIES = ["contrastive", "dino", "dino_head", "sinkhorn", "momentum", "bank", "siglip",
+            "train_step"]
 FIELDS = ["data", "method", "backbone", "epochs", "batch_size", "knn_top1", "linear_top1",
           "random_knn_top1", "random_linear_top1", "images_per_s", "wall_s", "threads", "torch",
           "machine"]

@@ -125,7 +125,8 @@ class InstDiscNCELoss(nn.Module):
             with torch.no_grad():
                 _, lse, _ = sampled_lse(f.detach(), bank, indices, scale, torch.zeros_like(scale))
                 # log(mean_bj exp(s_bj) * n) from the per-anchor log-sum-exps, overflow-free.
-                log_z = (torch.logsumexp(lse.float(), 0) - math.log(indices.numel())
+                acc = torch.promote_types(lse.dtype, torch.float32)
+                log_z = (torch.logsumexp(lse.to(acc), 0) - math.log(indices.numel())
                          + math.log(self.num_items))
                 self.z.copy_(log_z.exp())
             self._z_frozen = True

@@ -2,11 +2,14 @@
 
     l(v, v') = || n(q(z(f(v)))) - n(sg(z'(f'(v')))) ||^2 = 2 - 2 cos,  loss = l(v1, v2) + l(v2, v1)
 
-batch means; projector z and predictor q are Linear, BN, ReLU, Linear (d -> hidden -> dim and
-dim -> hidden -> dim). After each optimizer step the target follows the online encoder and
-projector through fastcl.momentum_update with tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
-(fastcl.cosine_schedule from tau_base to 1 over the run's K steps). Asymmetric augmentation: blur
-p 1.0 / 0.1, solarize p 0 / 0.2, color jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale 0.2, flip.
+batch means; projector z and predictor q are Linear, BN, ReLU, Linear without bias (d -> hidden
+-> dim and dim -> hidden -> dim), as the official MLP. Each view goes through the networks on its
+own (BN statistics per view, as the official code's). After optimizer step k (from 0) the target
+follows the online encoder and projector through fastcl.momentum_update with
+tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 (fastcl.cosine_schedule from tau_base to 1 over
+the run's K steps; the official code's target_ema at the step's global_step). Asymmetric
+augmentation: blur p 1.0 / 0.1, solarize p 0 / 0.2, color jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
+grayscale 0.2, flip.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from fastcl.models import mlp
 
 
 def _regression_loss(p: Tensor, z: Tensor) -> Tensor:
-    """(B, D), (B, D) -> mean over the batch of ||n(p) - n(z)||^2 = 2 - 2 cos(p, z), in fp32."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+    """(B, D), (B, D) -> mean over the batch of ||n(p) - n(z)||^2 = 2 - 2 cos(p, z), in fp32
+    (fp64 for fp64)."""
+    acc = torch.promote_types(p.dtype, torch.float32)
+    return (2 - 2 * F.cosine_similarity(p.to(acc), z.to(acc), dim=1)).mean()
 
 
 class BYOL(Method):
@@ -44,8 +49,10 @@ class BYOL(Method):
         super().__init__(backbone, **kw)
         hp = self.hparams
         _checks.unit_interval("momentum_base", hp["momentum_base"])
-        self.projector = mlp([backbone.out_dim, hp["proj_hidden"], hp["proj_dim"]])
-        self.predictor = mlp([hp["proj_dim"], hp["proj_hidden"], hp["proj_dim"]])
+        self.projector = mlp([backbone.out_dim, hp["proj_hidden"], hp["proj_dim"]],
+                             last_bias=False)
+        self.predictor = mlp([hp["proj_dim"], hp["proj_hidden"], hp["proj_dim"]],
+                             last_bias=False)
         self.target = momentum_copy(backbone, self.projector)
 
     def view_recipes(self, image_size: int) -> list[Recipe]:
@@ -53,12 +60,13 @@ class BYOL(Method):
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         v1, v2 = views
-        # Both views through the online network in one batch (BN statistics over both).
-        p1, p2 = self.predictor(self.projector(self.backbone(torch.cat([v1, v2])))).chunk(2)
+        # One view at a time (BN statistics per view), as the official apply_once_fn.
+        p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))
         with torch.no_grad():
-            z1, z2 = self.target(torch.cat([v1, v2])).chunk(2)
+            z1, z2 = self.target(v1), self.target(v2)
         return _regression_loss(p1, z2) + _regression_loss(p2, z1)
 
     def after_step(self, step: int, total_steps: int) -> None:
-        tau = fastcl.cosine_schedule(step + 1, total_steps, self.hparams["momentum_base"], 1.0)
+        tau = fastcl.cosine_schedule(min(step, total_steps), total_steps,
+                                     self.hparams["momentum_base"], 1.0)
         momentum_follow(self.target, self.backbone, self.projector, momentum=tau)

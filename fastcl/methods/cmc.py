@@ -132,8 +132,8 @@ class CMC(BankMethod):
         rows = self.bank_rows(indices, negatives, crops[0].shape[0])
         inputs = self.backbone.split(crops[0]) if self.backbone.color else crops
         encoders = (self.backbone.first, self.backbone.second)
-        f = [F.normalize(head(enc(x)).float(), dim=1)
-             for head, enc, x in zip(self.heads, encoders, inputs)]
+        f = [head(enc(x)) for head, enc, x in zip(self.heads, encoders, inputs)]
+        f = [F.normalize(e.to(torch.promote_types(e.dtype, torch.float32)), dim=1) for e in f]
         loss = self._score(0, f[0], rows) + self._score(1, f[1], rows)
         self.update_after_step(indices, (self.memories[0], f[0]), (self.memories[1], f[1]))
         return loss

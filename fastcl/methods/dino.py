@@ -154,10 +154,11 @@ class DINO(Method):
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         batch = views[0].shape[0]
-        # Crops of one size go through the student together (one batch per resolution).
-        student = [self.head(self.backbone(torch.cat(group)))
-                   for group in (views[:2], views[2:]) if group]
-        student = torch.cat(student).view(len(views), batch, -1)
+        # Crops of one size go through the backbone together (one batch per resolution), then
+        # the head sees every crop's features at once (its BatchNorm too, as the official
+        # MultiCropWrapper).
+        features = [self.backbone(torch.cat(group)) for group in (views[:2], views[2:]) if group]
+        student = self.head(torch.cat(features)).view(len(views), batch, -1)
         with torch.no_grad():
             teacher = self.teacher(torch.cat(views[:2])).view(2, batch, -1)
         return self.criterion(student, teacher, epoch)

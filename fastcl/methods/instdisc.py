@@ -57,8 +57,9 @@ class InstDisc(BankMethod):
         return super().augment(images, g) + [negatives]
 
     def embed(self, images: Tensor) -> Tensor:
-        """images (B, C, s, s) -> f (B, feat_dim), unit rows in fp32."""
-        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+        """images (B, C, s, s) -> f (B, feat_dim), unit rows in fp32 (fp64 for fp64)."""
+        f = self.head(self.backbone(images))
+        return F.normalize(f.to(torch.promote_types(f.dtype, torch.float32)), dim=1)
 
     def forward(self, views: list[Tensor], *, epoch: int = 0,
                 indices: Optional[Tensor] = None) -> Tensor:

@@ -98,9 +98,10 @@ class MoCoV1(Method):
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
         x_q, x_k = views
         q = self.head(self.backbone(x_q))
-        k = F.normalize(shuffled_bn_forward(self.key_encoder, x_k, self.hparams["bn_groups"],
-                                            self.gather).float(), dim=1)
-        loss = self.criterion(q, k, self.queue.tensor)
+        k = shuffled_bn_forward(self.key_encoder, x_k, self.hparams["bn_groups"], self.gather)
+        # Keys and the loss in at least float32 (bf16 under autocast), float64 in float64.
+        k = F.normalize(k.to(torch.promote_types(k.dtype, torch.float32)), dim=1)
+        loss = self.criterion(q.to(k.dtype), k, self.queue.tensor)
         if self.training:
             self.queue.enqueue(k, gather=self.gather)
         return loss

@@ -6,9 +6,10 @@ keys of the other view, through fastcl.info_nce (in-batch negatives, every rank'
 
 q = predictor(projector(backbone(x))), k = the momentum copy of backbone + projector (no gradient).
 MLP blocks are Linear (no bias), BN, ReLU; the projector's last Linear is followed by
-BN(affine=False). ResNet: a 2-layer projector (the official code; the paper says 3: pass
---proj-layers 3) and a predictor without the final BN. ViT: a 3-layer projector, a predictor with
-the final BN, and the patch projection frozen at its random init (the paper's stability trick).
+BN(affine=False), the predictor's has no bias either. ResNet: a 2-layer projector (the official
+code; the paper says 3: pass --proj-layers 3) and a predictor without the final BN. ViT: a
+3-layer projector, a predictor with the final BN, and the patch projection frozen at its random
+init (the paper's stability trick).
 ``proj_layers`` 0 picks by backbone.
 
 Momentum, per iteration: m = 1 - (1 + cos(pi t / T)) / 2 * (1 - m0) (fastcl.cosine_schedule from m0
@@ -63,7 +64,8 @@ class MoCoV3(Method):
         hidden, dim = hp["proj_hidden"], hp["proj_dim"]
         self.projector = mlp([backbone.out_dim] + [hidden] * (layers - 1) + [dim],
                              last_batch_norm=True, last_affine=False)
-        self.predictor = mlp([dim, hidden, dim], last_batch_norm=vit, last_affine=False)
+        self.predictor = mlp([dim, hidden, dim], last_batch_norm=vit, last_affine=False,
+                             last_bias=False)
         if vit and hp["freeze_patch_projection"]:
             backbone.embed.requires_grad_(False)
         self.momentum_encoder = momentum_copy(backbone, self.projector)

@@ -48,7 +48,7 @@ class SimCLRv2(SimCLR):
             self.memory = fastcl.Queue(hp["memory_size"], hp["proj_dim"])
 
     def forward(self, views: list[Tensor], *, epoch: int = 0) -> Tensor:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        z1, z2 = self.project(views)
         if not self.hparams["memory_size"]:
             return self.criterion(z1, z2)
         loss = self.criterion(z1, z2, self.memory.tensor)

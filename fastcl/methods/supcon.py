@@ -53,5 +53,7 @@ class SupCon(Method):
 
     def forward(self, views: list[Tensor], *, epoch: int = 0,
                 labels: Optional[Tensor] = None) -> Tensor:
-        z = torch.stack([self.projector(self.backbone(v)) for v in views], dim=1)  # (B, V, D)
+        # Every view through the encoder in one batch (BN statistics over all), as SupContrast.
+        z = self.projector(self.backbone(torch.cat(views)))
+        z = z.view(len(views), views[0].shape[0], -1).transpose(0, 1)  # (B, V, D)
         return self.criterion(z, labels)

@@ -9,7 +9,7 @@ each step). For each of the two large crops t, codes q_t = sinkhorn(sg(scores_t)
 over V crops: 2 large crops plus ``num_small_crops`` small ones (multi-crop). The prototypes get no
 gradient during the first ``freeze_prototypes_epochs`` epochs. With ``queue_length`` > 0, the
 embeddings of past large crops are kept and their scores prepended for Sinkhorn only (more samples
-for the equipartition), from epoch ``queue_start_epoch`` on.
+for the equipartition): the queue fills from epoch ``queue_start_epoch`` on and is used once full.
 """
 from __future__ import annotations
 
@@ -67,20 +67,20 @@ class SwAV(Method):
         hp = self.hparams
         with torch.no_grad():
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-        # Crops of one size go through the backbone together (one batch per resolution).
-        z = []
-        for group in (views[:2], views[2:]):
-            if group:
-                emb = F.normalize(self.projector(self.backbone(torch.cat(group))), dim=1)
-                z.extend(emb.chunk(len(group)))
+        # Crops of one size go through the backbone together (one batch per resolution), then
+        # the projector sees every crop's features at once (its BatchNorm too, as SwAV's).
+        features = [self.backbone(torch.cat(group)) for group in (views[:2], views[2:]) if group]
+        z = F.normalize(self.projector(torch.cat(features)), dim=1).chunk(len(views))
         scores = [self.prototypes(e) for e in z]
         batch = views[0].shape[0]
+        # The queue exists from queue_start_epoch on: empty then, used once full (as SwAV's).
         use_queue = hp["queue_length"] > 0 and epoch >= hp["queue_start_epoch"]
 
-        loss = scores[0].new_zeros((), dtype=torch.float32)
+        acc = torch.promote_types(scores[0].dtype, torch.float32)  # fp32, fp64 for fp64
+        loss = scores[0].new_zeros((), dtype=acc)
         for t in range(2):
             with torch.no_grad():
-                s = scores[t].detach().float()
+                s = scores[t].detach().to(acc)
                 if use_queue and bool(self.queue[t, -1].any()):  # used once full, as SwAV
                     s = torch.cat([self.queue[t] @ self.prototypes.weight.T, s])
                 codes = fastcl.sinkhorn(s, epsilon=hp["epsilon"],
@@ -88,10 +88,10 @@ class SwAV(Method):
                                         gather=self.gather)[-batch:]
             for v in range(len(scores)):
                 if v != t:
-                    log_p = F.log_softmax(scores[v].float() / hp["temperature"], dim=1)
+                    log_p = F.log_softmax(scores[v].to(acc) / hp["temperature"], dim=1)
                     loss = loss - (codes * log_p).sum(1).mean() / (len(scores) - 1)
-        if hp["queue_length"] > 0 and self.training:
-            self._enqueue(torch.stack([z[0].detach(), z[1].detach()]).float())
+        if use_queue and self.training:
+            self._enqueue(torch.stack([z[0].detach(), z[1].detach()]))
         return loss / 2
 
     @torch.no_grad()

@@ -60,8 +60,8 @@ def test_byol_target_follows_with_cosine_momentum():
         for p in online:
             p.add_(torch.randn_like(p))
     target_before = [p.detach().clone() for p in method.target.parameters()]
-    method.after_step(0, 6)
-    # After step 1 of 6: tau = 1 - (1 - 0.9) * (cos(pi / 6) + 1) / 2.
+    method.after_step(1, 6)
+    # After step 1 of 6 (from 0): tau = 1 - (1 - 0.9) * (cos(pi / 6) + 1) / 2.
     tau = 1 - 0.1 * (math.cos(math.pi / 6) + 1) / 2
     for t, before, o in zip(method.target.parameters(), target_before, online):
         torch.testing.assert_close(t, tau * before + (1 - tau) * o.detach())
