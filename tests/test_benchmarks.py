@@ -216,6 +216,8 @@ def test_stream_script_smoke(tmp_path):
     assert "images/s" in run("load", tmp_path / "d", "--image-size", 16, "--workers", 0,
                              "--batch-size", 4, "--batches", 2)
     assert "images/s" in run("step", "--image-size", 16, "--batch-size", 4, "--steps", 1)
-    out = run("watch", "--", sys.executable, "-c", "import numpy; a = numpy.ones(2 ** 25)")
+    # watch samples once a second: the array is held for 3 s so that a sample sees it.
+    out = run("watch", "--", sys.executable, "-c",
+              "import time, numpy; a = numpy.ones(2 ** 25); time.sleep(3)")
     pss = float(out.split("PSS ")[1].split()[0])
     assert 256 <= pss < 2048, out  # the 256 MiB array counts
