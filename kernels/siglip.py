@@ -27,7 +27,9 @@ D <= MAX_DIM.
 
 Work (M, N rows, D features): forward 2 M N D FLOP and M N exp2; backward two passes of 4 M N D
 FLOP (recompute, W @ the other side) and M N exp2 each. At M = N = 16384, D = 256: 137 GFLOP
-forward, 550 backward; the bytes (16 MiB per input in fp32) are negligible.
+forward, 550 backward; the bytes (16 MiB per input in fp32) are negligible. Floor on an H200
+(790 TFLOP/s bf16 dense, ~4 T exp2/s): forward 0.17 ms of matmul against 0.07 ms of exp2,
+forward + backward ~0.9 ms of matmul (0.2 ms of exp2, overlapped).
 """
 import torch
 import triton
