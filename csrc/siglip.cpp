@@ -12,27 +12,32 @@
 // backward weight W_ij = g_i d softplus(u_ij) / d t_ij = -z_ij g_i sigmoid(u_ij); then
 // dx = scale W y, dy = scale W^T x, dscale = sum W o (x y^T) = sum_i <(W y)_i, x_i>, dbias = sum W.
 //
-// The N x N matrix is never materialized: the work runs over (tile_m, tile_n) tiles, each formed
-// by an MKL GEMM into reused scratch and reduced by ATen's vectorized element-wise kernels (exact
-// softplus and sigmoid at any logit, see softplus_ below). The tile loop is sequential: each tile
-// adds to its own rows of dx and of dy, so no two writers meet and no atomics are needed, while
-// every GEMM and element-wise pass inside a tile runs on all of ATen's threads (OpenMP). Backward
-// recomputes the tiles: per tile one GEMM forms the logits (scale and bias folded into it) and two
-// more give W y_J and W^T x_I, so forward + backward cost 4 GEMMs (the minimum without keeping the
-// matrix). sigmoid_pairs_sum, for a loss reduced to one scalar (whose upstream gradient only
-// scales the gradients), does both in one pass: per tile one GEMM forms the logits, the loss and
-// W (g = 1) come from them and two GEMMs accumulate dx and dy: 3 GEMMs, nothing recomputed. With
-// normalize, each tile's rows are scaled by the inverse norms into scratch (the normalized copies
-// of x and y are never formed) and F.normalize's Jacobian is applied to dx and dy in place. Every
-// per-tile result is computed from zero into scratch and then added to its
-// accumulator (a GEMM accumulating into its output chains every term of a row onto one fp32
-// value). Extra memory: O(tile_m * tile_n + (tile_m + tile_n) * D) scratch, plus fp32 copies of
-// 16-bit or strided inputs and the gradients.
+// The N x N matrix is never materialized: the work runs over (tile_m, tile_n) tiles, each formed by
+// an MKL GEMM into reused scratch and reduced by vectorized element-wise passes (exact softplus and
+// sigmoid at any logit: ATen's softplus in the forward, see softplus_ below; the weighted pass
+// takes sigmoid and softplus from one exp, see sigmoid_and_softplus_). The tile loop is sequential:
+// each tile adds to its own rows of dx and of dy, so no two writers meet and no atomics are needed,
+// while every GEMM and element-wise pass inside a tile runs on all of ATen's threads (OpenMP).
+// Backward recomputes the tiles: per tile one GEMM forms the logits (scale and bias folded into it)
+// and two more give W y_J and W^T x_I, so forward + backward cost 4 GEMMs (the minimum without
+// keeping the matrix). sigmoid_pairs_sum, for a loss reduced to one scalar (whose upstream gradient
+// only scales the gradients), does both in one pass: per tile one GEMM forms the logits, the loss
+// and W (g = 1) come from them and two GEMMs accumulate dx and dy: 3 GEMMs, nothing recomputed.
+// With normalize, each tile's rows are scaled by the inverse norms into scratch (the normalized
+// copies of x and y are never formed) and F.normalize's Jacobian is applied to dx and dy in place.
+// Every per-tile result is computed from zero into scratch and then added to its accumulator (a
+// GEMM accumulating into its output chains every term of a row onto one fp32 value). Extra memory:
+// O(tile_m * tile_n + (tile_m + tile_n) * D) scratch, plus fp32 copies of 16-bit or strided inputs
+// and the gradients.
 #include <torch/extension.h>
 
-#include "checks.h"
+#include <ATen/Parallel.h>
+
+#include "checks.h"  // before cpu_kernels.h: baseline ISA
+#include "cpu_kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <utility>
 
@@ -118,6 +123,7 @@ void softplus_(Tensor u) { at::softplus_out(u, u, /*beta=*/1, /*threshold=*/20);
 
 Tensor sigmoid_pairs_fwd(const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias,
                          int64_t offset) {
+  fastcl::require_avx2("SigLIP");
   const Problem p(x, y, scale, bias, offset);
   const auto opts = p.x.options();
   const Tensor bias_f = at::scalar_tensor(p.bias, opts);
@@ -159,6 +165,39 @@ void normalize_backward_(Tensor a, const Tensor& f_hat, const Tensor& dots, cons
   a.addcmul_(f_hat, (dots * kept).unsqueeze(1), -1).mul_((inv * scale).unsqueeze(1));
 }
 
+using Vec = at::vec::Vectorized<float>;
+
+/// Over a contiguous tile u (tm, tn) of u = -z t: u replaced in place by d softplus(u) / du =
+/// sigmoid(u) and, when loss_rows is not null, each row's sum of softplus(u) added to its entry,
+/// both from one exp: e = exp(-|u|), softplus(u) = max(u, 0) + log1p(e) (exact for the tiny losses
+/// of u << 0, where e is the loss) and sigmoid(u) = (u >= 0 ? 1 : e) / (1 + e). One read and one
+/// write of the tile, rows split over ATen's threads.
+void sigmoid_and_softplus_(Tensor u, float* loss_rows) {
+  const int64_t tn = u.size(1);
+  float* data = u.data_ptr<float>();
+  at::parallel_for(0, u.size(0), 16, [&](int64_t begin, int64_t end) {
+    const Vec zero(0.f), one(1.f);
+    for (int64_t i = begin; i < end; ++i) {
+      float* row = data + i * tn;
+      Vec acc(0.f);
+      int64_t j = 0;
+      for (; j + Vec::size() <= tn; j += Vec::size()) {
+        const Vec v = Vec::loadu(row + j);
+        const Vec e = v.abs().neg().exp();
+        if (loss_rows) acc = acc + at::vec::maximum(v, zero) + e.log1p();
+        (Vec::blendv(e, one, v >= zero) / (one + e)).store(row + j);
+      }
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+      for (; j < tn; ++j) {
+        const float v = row[j], e = std::exp(-std::fabs(v));
+        sum += std::max(v, 0.f) + std::log1p(e);
+        row[j] = (v >= 0 ? 1.f : e) / (1.f + e);
+      }
+      if (loss_rows) loss_rows[i] += sum;
+    }
+  });
+}
+
 struct Grads {
   Tensor dx, dy, dscale, dbias;
 };
@@ -181,7 +220,6 @@ Grads weighted_pass(const Problem& p, const Tensor& grad, Tensor loss_rows, bool
   // Per-row sums of W and of W o (x y^T), summed once at the end (ATen's cascade sum).
   Tensor dbias_rows = at::zeros({p.rows()}, opts), dscale_rows = at::zeros({p.rows()}, opts);
   Tensor w = at::empty({p.tile_m * p.tile_n}, opts);
-  Tensor losses = loss_rows.defined() ? at::empty({p.tile_m * p.tile_n}, opts) : Tensor();
   // Scratch: a tile's (rows, D) product, then (tile_m,) row sums after it; normalized rows.
   Tensor part = at::empty({std::max(p.tile_m, p.tile_n) * (d + 1)}, opts);
   Tensor x_hat = normalize ? at::empty({p.tile_m * d}, opts) : Tensor();
@@ -192,15 +230,11 @@ Grads weighted_pass(const Problem& p, const Tensor& grad, Tensor loss_rows, bool
     const Tensor y_j = rows_of(p.y, inv_y, t.j0, t.tn, y_hat);
     Tensor w_t = tile_view(w, t);
     signed_logits(p, t, bias_f, x_i, y_j, w_t);
-    Tensor row_sums = part.narrow(0, 0, t.tm);
-    if (loss_rows.defined()) {
-      Tensor l_t = tile_view(losses, t);
-      at::softplus_out(l_t, w_t, /*beta=*/1, /*threshold=*/20);  // see softplus_
-      loss_rows.narrow(0, t.i0, t.tm).add_(at::sum_out(row_sums, l_t, {1}));
-    }
-    w_t.sigmoid_();  // d softplus(u) / du
+    float* tile_losses = loss_rows.defined() ? loss_rows.data_ptr<float>() + t.i0 : nullptr;
+    sigmoid_and_softplus_(w_t, tile_losses);  // W / g, and the loss terms
     negate_positives(p, t, w_t);  // d u / d t = -z
     if (grad.defined()) w_t.mul_(grad.narrow(0, t.i0, t.tm).unsqueeze(1));
+    Tensor row_sums = part.narrow(0, 0, t.tm);
     dbias_rows.narrow(0, t.i0, t.tm).add_(at::sum_out(row_sums, w_t, {1}));
     Tensor part_x = part.narrow(0, 0, t.tm * d).view({t.tm, d});
     dx.narrow(0, t.i0, t.tm).add_(at::mm_out(part_x, w_t, y_j));
@@ -241,6 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_pairs_bwd(const Tensor& x, co
                                                              const Tensor& scale,
                                                              const Tensor& bias, int64_t offset,
                                                              const Tensor& grad) {
+  fastcl::require_avx2("SigLIP");
   const Problem p(x, y, scale, bias, offset);
   const Tensor g = fastcl::contiguous_float(grad, "grad");
   TORCH_CHECK(g.dim() == 1 && g.size(0) == p.rows(), "grad must have shape (", p.rows(),
@@ -252,6 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sigmoid_pairs_bwd(const Tensor& x, co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_pairs_sum(
     const Tensor& x, const Tensor& y, const Tensor& scale, const Tensor& bias, int64_t offset,
     bool normalize) {
+  fastcl::require_avx2("SigLIP");
   const Problem p(x, y, scale, bias, offset);
   Tensor loss_rows = at::zeros({p.rows()}, p.x.options());
   Grads r = weighted_pass(p, Tensor(), loss_rows, normalize);
@@ -259,6 +295,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_pairs_sum(
 }
 
 }  // namespace
+
+FASTCL_END_AVX2_KERNELS
 
 void bind_siglip(py::module_& m) {
   // The kernels run on ATen/MKL threads only and never touch Python objects: release the GIL.

@@ -117,7 +117,8 @@ def _sum_from_passes(fwd, bwd, x, y, scale, bias, diag_offset, normalize):
     ones = torch.ones(x.shape[0], dtype=loss.dtype, device=x.device)
     dx, dy, dscale, dbias = bwd(xs, ys, scale, bias, diag_offset, ones)
     if normalize:
-        dx, dy = _normalize_backward(x, inv_x, kept_x, dx), _normalize_backward(y, inv_y, kept_y, dy)
+        dx = _normalize_backward(x, inv_x, kept_x, dx)
+        dy = _normalize_backward(y, inv_y, kept_y, dy)
     return loss, dx, dy, dscale, dbias
 
 
