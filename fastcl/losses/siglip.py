@@ -6,9 +6,11 @@ pushed up for the matching pair (i, i) and down for every other one,
 
     loss = -(1 / N) sum_ij log sigmoid(z_ij t_ij),   z_ij = +1 if i == j else -1,
 
-open_clip's ``SigLipLoss``. It is computed by the fused op fastcl.ops.siglip.sigmoid_pairs, which
-never materializes the N x N logits (forward or backward) and keeps the tiny losses of
-well-separated pairs exact. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32
+open_clip's ``SigLipLoss``. It is computed by the fused ops of fastcl.ops.siglip, which never
+materialize the N x N logits (forward or backward) and keep the tiny losses of well-separated
+pairs exact: with reduction "mean" or "sum" and embeddings requiring grad, sigmoid_pairs_sum
+(gradients formed in the forward's pass, the normalization inside the op), otherwise
+sigmoid_pairs. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32
 loss, gradients rounded to the input dtype once) or float64 (the reference, in float64).
 """
 from __future__ import annotations
