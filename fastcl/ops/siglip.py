@@ -218,6 +218,7 @@ def _sum_setup(ctx, inputs, output):
     ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype)
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero (M, D), (N, D) gradients for those outputs
 
 
 def _sum_grad(ctx, grad, *_):
