@@ -1,4 +1,5 @@
-// Shared set-up of the vectorized CPU kernel files (csrc/dino.cpp, csrc/sinkhorn.cpp).
+// Shared set-up of the vectorized CPU kernel files (csrc/dino.cpp, csrc/sinkhorn.cpp,
+// csrc/siglip.cpp).
 //
 // The extension is compiled for the baseline x86-64 ISA, where ATen's at::vec falls back to
 // scalar loops. Including this header (as the file's first include of ATen's vec headers) compiles

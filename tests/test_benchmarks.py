@@ -221,3 +221,22 @@ def test_stream_script_smoke(tmp_path):
               "import time, numpy; a = numpy.ones(2 ** 25); time.sleep(3)")
     pss = float(out.split("PSS ")[1].split()[0])
     assert 256 <= pss < 2048, out  # the 256 MiB array counts
+
+
+def test_siglip_training_step_keeps_only_the_gradients():
+    """benchmarks/siglip.py's training step (raw rows, normalize=True, "mean"): the peak above the
+    inputs is the two gradients the forward computes and saves plus the two the leaves receive,
+    4 (N, D) fp32 tensors (the tile scratch is freed by then); no normalized copies, no zero
+    gradients for the op's gradient outputs."""
+    from fastcl import siglip
+
+    harness = _load_script("harness")
+    n, d = 4096, 256
+
+    def make_inputs():
+        rows = [torch.randn(n, d), torch.randn(n, d)]
+        return [t.requires_grad_() for t in rows + [torch.tensor(2.3), torch.tensor(-10.0)]]
+
+    inputs, opt = harness.train_state(make_inputs)
+    step = harness.train_step(lambda x, y, s, b: siglip(x, y, s.exp(), b), inputs, opt, True)
+    assert harness.peak_allocated(lambda: (step(), step()), "cpu") <= 4 * n * d * 4 + 1024

@@ -6,21 +6,24 @@ pushed up for the matching pair (i, i) and down for every other one,
 
     loss = -(1 / N) sum_ij log sigmoid(z_ij t_ij),   z_ij = +1 if i == j else -1,
 
-open_clip's ``SigLipLoss``. It is computed by the fused op fastcl.ops.siglip.sigmoid_pairs, which
-never materializes the N x N logits (forward or backward) and keeps the tiny losses of
-well-separated pairs exact. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32
+open_clip's ``SigLipLoss``. It is computed by the fused ops of fastcl.ops.siglip, which never
+materialize the N x N logits (forward or backward) and keep the tiny losses of well-separated
+pairs exact: with reduction "mean" or "sum" and embeddings requiring grad, sigmoid_pairs_sum
+(gradients formed in the forward's pass, the normalization inside the op), otherwise
+sigmoid_pairs. Inputs may be float32, bfloat16 or float16 (fp32 accumulation, fp32
 loss, gradients rounded to the input dtype once) or float64 (the reference, in float64).
 """
 from __future__ import annotations
 
 from typing import Union
 
+import torch
 from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl.distributed import all_gather_with_grad, world
 from fastcl.losses.contrastive import Gather, _embed, _reduce
-from fastcl.ops.siglip import sigmoid_pairs
+from fastcl.ops.siglip import sigmoid_pairs, sigmoid_pairs_sum
 from fastcl.ring import ring_sigmoid
 
 Scalar = Union[float, Tensor]
@@ -57,14 +60,19 @@ def siglip(
     _checks.gather(gather)
     scale_t = _checks.scalar_tensor("scale", scale, image)
     bias_t = _checks.scalar_tensor("bias", bias, image, positive=False)
-    x, y = _embed(image, normalize), _embed(text, normalize)
     rank, size = world() if gather else (0, 1)
     if size > 1 and gather == "ring":
-        losses = ring_sigmoid(x, y, scale_t, bias_t)
-    else:
-        if size > 1:
-            y = all_gather_with_grad(y)
-        losses = sigmoid_pairs(x, y, scale_t, bias_t, rank * image.shape[0])
+        losses = ring_sigmoid(_embed(image, normalize), _embed(text, normalize), scale_t, bias_t)
+        return _reduce(losses, reduction)
+    texts = all_gather_with_grad(text) if size > 1 else text
+    offset = rank * image.shape[0]
+    if reduction != "none" and torch.is_grad_enabled() and (image.requires_grad
+                                                            or texts.requires_grad):
+        # One scalar: its gradients come from the forward's pass (fastcl::sigmoid_pairs_sum).
+        loss = sigmoid_pairs_sum(image, texts, scale_t, bias_t, offset, normalize)[0]
+        return loss / image.shape[0] if reduction == "mean" else loss
+    losses = sigmoid_pairs(_embed(image, normalize), _embed(texts, normalize), scale_t, bias_t,
+                           offset)
     return _reduce(losses, reduction)
 
 

@@ -21,16 +21,27 @@ as the texts travel. The backward weight of a pair is W_ij = g_i d softplus(u_ij
 * ``fastcl::sigmoid_pairs_backward(x, y, scale, bias, diag_offset, grad)`` -> (dx (M, D),
   dy (N, D), dscale (), dbias ()) for the upstream grad (M,): what a ring exchange calls on each
   travelling block (dy then travels with it).
+* ``fastcl::sigmoid_pairs_sum(x, y, scale, bias, diag_offset, normalize)`` -> (loss (), dx, dy,
+  dscale, dbias): the row losses summed, with their gradients computed in the same pass. A loss
+  reduced to one scalar has an upstream gradient that only scales its gradients, so the forward
+  forms each tile once (1 GEMM: loss terms and W with g = 1; 2 GEMMs: dx, dy) and backward only
+  multiplies by that scalar: 3 GEMMs where sigmoid_pairs' forward + backward take 4. normalize:
+  the rows of x and y are L2-normalized first (F.normalize), inside the op: only the inverse
+  norms are formed, and dx, dy are the gradients w.r.t. the raw rows (the normalization's
+  Jacobian applied in place). The gradients it returns are saved for backward; they are not
+  differentiable outputs.
 
 ``scale`` and ``bias`` are 0-dim tensors on the inputs' device, float32 (float64 for float64
 inputs); both receive gradients. Outputs and gradients are computed in float32 (float64 for
 float64 inputs, which run the reference) and rounded to the input dtype once. Neither the forward
-nor what it saves for backward holds an M x N tensor: backward recomputes the tiles from the
-inputs (saved as they are) and the scalars.
+nor what it saves for backward holds an M x N tensor: sigmoid_pairs' backward recomputes the
+tiles from the inputs (saved as they are) and the scalars; sigmoid_pairs_sum saves only its
+gradients (what the leaves receive).
 
 Backends, chosen per device by PyTorch's dispatcher (``register_backends``, fastcl/_backend.py):
 each op's body runs the reference below and is the default kernel for any device; the CPU kernel
-runs csrc/siglip.cpp, the CUDA kernel kernels/siglip.py for rows of D <= TRITON_MAX_DIM (wider rows
+runs csrc/siglip.cpp, the CUDA kernel kernels/siglip.py (sigmoid_pairs_sum as its forward and
+backward passes, normalization in PyTorch) for rows of D <= TRITON_MAX_DIM (wider rows
 run the reference). float64 runs the reference.
 """
 from __future__ import annotations
@@ -74,6 +85,48 @@ def sigmoid_pairs_backward_ref(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor
     dx = w @ y.to(raw.dtype) * scale
     dy = w.T @ x.to(raw.dtype) * scale
     return dx, dy, (w * raw).sum(), w.sum()
+
+
+_NORM_EPS = 1e-12  # F.normalize's
+
+
+def _normalized(x: Tensor):
+    """(x_hat = F.normalize(x) in x's dtype, inverse norms (M,), kept (M,): rows whose norm
+    exceeds eps, the others only scaled), computed in the accumulation dtype."""
+    x = x.to(accumulation_dtype(x))
+    norms = torch.linalg.vector_norm(x, dim=1)
+    inv = 1 / norms.clamp_min(_NORM_EPS)
+    return x * inv[:, None], inv, norms > _NORM_EPS
+
+
+def _normalize_backward(x: Tensor, inv: Tensor, kept: Tensor, grad: Tensor) -> Tensor:
+    """The gradient w.r.t. F.normalize(x) -> w.r.t. x: inv (g - x_hat <x_hat, g>)."""
+    x_hat = x.to(grad.dtype) * inv[:, None]
+    dots = torch.where(kept, (x_hat * grad).sum(1), 0)
+    return (grad - x_hat * dots[:, None]) * inv[:, None]
+
+
+def _sum_from_passes(fwd, bwd, x, y, scale, bias, diag_offset, normalize):
+    """sigmoid_pairs_sum from a forward and a backward pass (upstream g = 1), the normalization
+    around them: the reference's form and the CUDA one."""
+    xs, ys = x, y
+    if normalize:
+        (xs, inv_x, kept_x), (ys, inv_y, kept_y) = _normalized(x), _normalized(y)
+        xs, ys = xs.to(x.dtype), ys.to(y.dtype)
+    loss = fwd(xs, ys, scale, bias, diag_offset).sum()
+    ones = torch.ones(x.shape[0], dtype=loss.dtype, device=x.device)
+    dx, dy, dscale, dbias = bwd(xs, ys, scale, bias, diag_offset, ones)
+    if normalize:
+        dx = _normalize_backward(x, inv_x, kept_x, dx)
+        dy = _normalize_backward(y, inv_y, kept_y, dy)
+    return loss, dx, dy, dscale, dbias
+
+
+def sigmoid_pairs_sum_ref(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+                          normalize: bool):
+    """(loss (), dx (M, D), dy (N, D), dscale (), dbias ()) of loss = sum of the row losses."""
+    return _sum_from_passes(sigmoid_pairs_ref, sigmoid_pairs_backward_ref, x, y, scale, bias,
+                            diag_offset, normalize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,3 +183,49 @@ def _grad(ctx, grad):
 
 
 sigmoid_pairs.register_autograd(_grad, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# fastcl::sigmoid_pairs_sum
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastcl::sigmoid_pairs_sum", mutates_args=())
+def sigmoid_pairs_sum(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+                      normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (M, D), y (N, D), scale (), bias () -> (loss () = sum_i row_loss_i, and its gradients
+    dx (M, D), dy (N, D), dscale (), dbias () in the accumulation dtype); rows L2-normalized first
+    when normalize (dx, dy w.r.t. the raw rows)."""
+    return sigmoid_pairs_sum_ref(x, y, scale, bias, diag_offset, normalize)
+
+
+def _triton_sum(kernels, *args):
+    return _sum_from_passes(kernels.sigmoid_pairs_fwd, kernels.sigmoid_pairs_bwd, *args)
+
+
+register_backends(sigmoid_pairs_sum, "siglip", sigmoid_pairs_sum_ref, _triton_sum,
+                  cpp_launch="sigmoid_pairs_sum", triton_fits=rows_up_to(TRITON_MAX_DIM))
+
+
+@sigmoid_pairs_sum.register_fake
+def _(x, y, scale, bias, diag_offset, normalize):
+    acc = accumulation_dtype(x)
+    return (x.new_empty((), dtype=acc), x.new_empty(x.shape, dtype=acc),
+            y.new_empty(y.shape, dtype=acc), x.new_empty((), dtype=acc),
+            x.new_empty((), dtype=acc))
+
+
+def _sum_setup(ctx, inputs, output):
+    x, y, scale, bias, _, _ = inputs
+    ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype)
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero (M, D), (N, D) gradients for those outputs
+
+
+def _sum_grad(ctx, grad, *_):
+    """The gradients computed in the forward, times the upstream scalar grad."""
+    need = ctx.needs_input_grad
+    return tuple((g * grad).to(dtype) if needed else None
+                 for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, need)) + (None, None)
+
+
+sigmoid_pairs_sum.register_autograd(_sum_grad, setup_context=_sum_setup)

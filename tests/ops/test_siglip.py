@@ -1,6 +1,8 @@
 """fastcl::sigmoid_pairs on every backend against the float64 reference: row losses and the
 gradients of x, y, scale and bias under a random upstream gradient, with the positive diagonal
-inside, at the edge of and outside the block; the backward op alone; tiny losses and huge logits."""
+inside, at the edge of and outside the block; the backward op alone; tiny losses and huge logits.
+fastcl::sigmoid_pairs_sum (gradients from the forward's pass, normalization inside) against the
+float64 autograd of F.normalize and the reference."""
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from fastcl.ops.siglip import (
     sigmoid_pairs_backward,
     sigmoid_pairs_backward_ref,
     sigmoid_pairs_ref,
+    sigmoid_pairs_sum,
 )
 from tests.helpers import assert_close, unit_rows
 
@@ -160,6 +163,109 @@ def test_compile_fullgraph():
 
     def loss_fn(x, y, scale, bias):
         return sigmoid_pairs(x, y, scale, bias, 0).mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, y, scale, bias), [x, y, scale, bias])
+    want = torch.autograd.grad(loss_fn(x, y, scale, bias), [x, y, scale, bias])
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-6, "compiled gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# fastcl::sigmoid_pairs_sum
+# ----------------------------------------------------------------------------------------------
+def _sum_formula(x, y, scale, bias, offset, normalize):
+    if normalize:
+        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    return sigmoid_pairs_ref(x, y, scale, bias, offset).sum()
+
+
+def check_sum(backend, x, y, scale, bias, offset, normalize, tol=TOL):
+    """sigmoid_pairs_sum's loss and gradients under a random upstream scalar against the float64
+    autograd of the formula (F.normalize included)."""
+    upstream = float(torch.randn(()))
+    scalars = [torch.tensor(float(v), device=backend) for v in (scale, bias)]
+    inputs = [t.detach().requires_grad_() for t in [x, y, *scalars]]
+    out = sigmoid_pairs_sum(*inputs, offset, normalize)
+    loss = out[0]
+    assert not any(t.requires_grad for t in out[1:])
+    grads = torch.autograd.grad(loss * upstream, inputs)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    loss64 = _sum_formula(*inputs64, offset, normalize)
+    grads64 = torch.autograd.grad(loss64 * upstream, inputs64)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss, loss64, tol, "loss")
+    for name, a, b, t in zip(["dx", "dy", "dscale", "dbias"], grads, grads64, inputs):
+        assert a.dtype == t.dtype
+        assert_close(a, b, tol if t.dtype == torch.float32 else 1e-2, name)
+
+
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 60), (127, 70, 257), (600, 1100, 16)])
+@pytest.mark.parametrize("offset", [0, 2, -1, 1000])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sigmoid_pairs_sum(backend, m, n, d, offset, normalize):
+    if backend == "cpu" and m * n > 20000:
+        from fastcl._backend import cpu_backend_name
+
+        if cpu_backend_name() == "triton":
+            pytest.skip("the interpreter is slow: the large shapes run on the C++ and reference")
+    # Raw rows of norms 0.1 to 3 (normalize) or unit rows (the logits of SigLIP's start).
+    x = torch.randn(m, d, device=backend) * (torch.rand(m, 1, device=backend) * 3 + 0.1)
+    y = torch.randn(n, d, device=backend) * (torch.rand(n, 1, device=backend) * 3 + 0.1)
+    if not normalize:
+        x, y = unit_rows(m, d, backend), unit_rows(n, d, backend)
+    check_sum(backend, x, y, 10.0, -10.0, offset, normalize)
+
+
+@pytest.mark.parametrize("scale,bias", [(100.0, -10.0), (1e4, 50.0)])
+def test_sum_scales_and_huge_logits(backend, scale, bias):
+    x, y = torch.randn(40, 24, device=backend), torch.randn(33, 24, device=backend)
+    y[:10] = x[:10] + 1e-3 * torch.randn(10, 24, device=backend)  # near-duplicate positives
+    check_sum(backend, x, y, scale, bias, 0, True)
+
+
+def test_sum_zero_row(backend):
+    """A zero row is clamped at F.normalize's eps: scaled, no projection, as F.normalize."""
+    x, y = torch.randn(12, 8, device=backend), torch.randn(12, 8, device=backend)
+    x[4] = 0
+    check_sum(backend, x, y, 10.0, -10.0, 0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sum_half_inputs(backend, dtype):
+    _skip_interpreter_bf16(backend, dtype)
+    x, y = torch.randn(70, 33, device=backend), torch.randn(50, 33, device=backend)
+    check_sum(backend, x.to(dtype), y.to(dtype), 10.0, -10.0, 0, True, tol=1e-3)
+
+
+def test_sum_matches_two_passes(backend):
+    """The one-pass op and sigmoid_pairs' forward + backward agree (same fp32 kernels' sums)."""
+    x, y = unit_rows(50, 20, backend), unit_rows(61, 20, backend)
+    scale, bias = torch.tensor(7.0, device=backend), torch.tensor(-4.0, device=backend)
+    loss, *grads = sigmoid_pairs_sum(x, y, scale, bias, 3, False)
+    ones = torch.ones(50, device=backend)
+    assert_close(loss, sigmoid_pairs(x, y, scale, bias, 3).sum(), 1e-6, "loss")
+    for name, a, b in zip(["dx", "dy", "dscale", "dbias"], grads,
+                          sigmoid_pairs_backward(x, y, scale, bias, 3, ones)):
+        assert_close(a, b, 1e-6, name)
+
+
+def test_sum_opcheck():
+    x = torch.randn(7, 5, requires_grad=True)
+    y = torch.randn(11, 5, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    bias = torch.tensor(-1.0, requires_grad=True)
+    for offset, normalize in [(0, True), (4, False), (100, True)]:
+        torch.library.opcheck(sigmoid_pairs_sum, (x, y, scale, bias, offset, normalize))
+
+
+def test_sum_compile_fullgraph():
+    x, y = torch.randn(9, 6, requires_grad=True), torch.randn(9, 6, requires_grad=True)
+    scale = torch.tensor(5.0, requires_grad=True)
+    bias = torch.tensor(-2.0, requires_grad=True)
+
+    def loss_fn(x, y, scale, bias):
+        return sigmoid_pairs_sum(x, y, scale, bias, 0, True)[0] / 9
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(x, y, scale, bias), [x, y, scale, bias])
