@@ -76,6 +76,9 @@ def _rank_main(rank, world, folder, sizes, repeats):
                     rows.append(row)
         if rank == 0:
             Path(folder, "rows.json").write_text(json.dumps(rows))
+        # Every rank done with the group before any tears it down: a rank leaving while another
+        # still used the file store aborted ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
