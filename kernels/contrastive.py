@@ -543,7 +543,9 @@ def gram_stats_fwd(u, labels, scale, *, symmetric=None, block_m=None, block_n=No
     if not symmetric or not m or torch.are_deterministic_algorithms_enabled():
         return _row_fwd(u, u, (labels, labels), scale, 0, True, block_m, block_n)
     scale = scale.float()
-    bound = (scale.abs() * LOG2E) * u.float().square().sum(1).amax()
+    # max_i |u_i|^2 from fp32 row norms, without an fp32 copy of u
+    max_sq_norm = torch.linalg.vector_norm(u, dim=1, dtype=torch.float32).amax().square()
+    bound = (scale.abs() * LOG2E) * max_sq_norm
     run = (bound <= MAX_UNSHIFTED_LOG2).to(torch.int32)  # NaN / inf inputs: False
     sums = torch.zeros(4, m, dtype=torch.float32, device=u.device)
     launch(_gram_unshifted_kernel, lambda block: (triton.cdiv(m, block),),
