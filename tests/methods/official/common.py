@@ -58,3 +58,15 @@ def assert_grads(fast, official, what, tol=TOL):
         assert (a.grad is None) == (b.grad is None), f"{what} [{i}]: gradient on one side only"
         if a.grad is not None:
             assert_close(a.grad, b.grad, tol, f"{what} [{i}] gradient")
+
+
+def official_step_agrees(optimizer, official_loss, loss, fast_params, official_params, step):
+    """The official loop's update (zero_grad, backward, step), then fastcl's step `loss` (the
+    official one reshaped to its shape: CMC's is (1,)) and the parameters' gradients and values
+    after both updates agree with it."""
+    optimizer.zero_grad()
+    official_loss.backward()
+    optimizer.step()
+    assert_close(loss, official_loss.reshape(loss.shape), TOL, f"step {step} loss")
+    assert_grads(fast_params, official_params, f"step {step}")
+    assert_same(fast_params, official_params, f"step {step} parameters")

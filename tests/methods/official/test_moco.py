@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
-                                           random_views, sgd, trainer_step)
+from tests.methods.official.common import (assert_same, float64_method, official_step_agrees,
+                                           params, random_views, sgd, trainer_step)
 
 
 class OfficialMoCo(nn.Module):
@@ -86,13 +85,8 @@ def test_moco_steps_match_official(version):
 
         output, target = official(im_q, im_k)
         official_loss = criterion(output, target)
-        official_opt.zero_grad()
-        official_loss.backward()
-        official_opt.step()
-
-        assert_close(loss, official_loss, TOL, f"step {step} loss")
-        assert_grads(fast_params, official_params, f"step {step}")
-        assert_same(fast_params, official_params, f"step {step} parameters")
+        official_step_agrees(official_opt, official_loss, loss, fast_params, official_params,
+                             step)
         assert_same([fast.queue.tensor], [official.queue.T], f"step {step} queue")
         assert int(fast.queue.pointer) == int(official.queue_ptr)
     # fastcl moves the key encoder after the step, the official code before the next keys.

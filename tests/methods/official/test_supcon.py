@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_close
-from tests.methods.official.common import (TOL, assert_grads, assert_same, float64_method, params,
-                                           random_views, sgd, trainer_step)
+from tests.methods.official.common import (TOL, assert_same, float64_method, official_step_agrees,
+                                           params, random_views, sgd, trainer_step)
 
 
 class SupConLoss(nn.Module):
@@ -94,13 +94,8 @@ def test_supcon_steps_match_official(supervised):
         official_loss = criterion(features, labels) if supervised else criterion(features)
         reference = with_eps(features.detach(), labels if supervised else None)
         assert_close(loss, reference, 1e-6, "loss with the official eps")
-        official_opt.zero_grad()
-        official_loss.backward()
-        official_opt.step()
-
-        assert_close(loss, official_loss, TOL, f"step {step} loss")
-        assert_grads(fast_params, official_params, f"step {step}")
-        assert_same(fast_params, official_params, f"step {step} parameters")
+        official_step_agrees(official_opt, official_loss, loss, fast_params, official_params,
+                             step)
         stats = [[b for n, b in m.named_buffers() if "running" in n]
                  for m in (fast.backbone, official.encoder)]
         assert_same(*stats, f"step {step} BN statistics")
