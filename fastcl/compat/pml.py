@@ -1,6 +1,6 @@
 """pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` (``pytorch_metric_learning.losses``,
-version 2.9) with their default distance (CosineSimilarity) and reducers, computed by
-fastcl.supcon's fused op.
+version 2.9) with their default distance (CosineSimilarity) and reducers, computed by the
+contrastive family's fused op (fastcl::gram_contrastive).
 
     loss_fn = SupConLoss(temperature=0.1)
     loss = loss_fn(embeddings, labels)                        # (M, D), (M,)
@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from fastcl import _checks
 from fastcl._backend import accumulation_dtype
-from fastcl.losses.contrastive import supcon
+from fastcl.losses.contrastive import _embed, _row_dot, supcon
+from fastcl.ops.contrastive import (
+    exact_softplus, gram_contrastive, gram_contrastive_backward)
 
 
 def _is_default_distance(distance) -> bool:
@@ -82,12 +84,16 @@ class _PMLLoss(nn.Module):
 
 class NTXentLoss(_PMLLoss):
     """pytorch-metric-learning's NTXentLoss: the mean over positive pairs (a, p) of
-    -log(exp(s_ap) / (exp(s_ap) + sum over a's negatives exp(s_an))), s = cosine / temperature.
+    -log(exp(s_ap) / (exp(s_ap) + sum over a's negatives exp(s_an))), s = cosine / temperature,
+    for any labels (a label on c embeddings gives c (c - 1) pairs; the other positives of a are in
+    no term's denominator).
 
-    fastcl computes it for labels giving every embedding at most one positive (the two views of a
-    sample: SimCLR's NT-Xent, and every use without labels of your own); a label on more than two
-    embeddings raises a ValueError (that loss is not the fused ops' one: use SupConLoss).
-    Checking the labels syncs with the device.
+    Each pair's loss is softplus(lse_neg_a - s_ap), with lse_neg_a the log-sum-exp over a's
+    negatives: fastcl::gram_contrastive's statistics (never the M x M matrix), its gradient by
+    fastcl::gram_contrastive_backward (`_NegativesLSE`); s_ap is the pair's own dot product
+    (saved for backward: 2 x pairs x D values). Exact where pytorch-metric-learning rounds the
+    ratio in fp32 (a near-duplicate positive's loss ~1e-7 and below). Reading the labels syncs
+    with the device.
     """
 
     default_reducer = "MeanReducer"
@@ -96,16 +102,55 @@ class NTXentLoss(_PMLLoss):
         super().__init__(temperature, **kwargs)
 
     def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        counts = torch.unique(labels, return_counts=True)[1]
-        if len(counts) == 1:
-            return self._zero(embeddings)  # no negative pair
-        if int(counts.max()) > 2:
-            raise ValueError("labels must give each embedding at most one positive (no label on "
-                             "more than two embeddings) for fastcl's NTXentLoss; use SupConLoss "
-                             "for several positives per anchor")
-        # One positive per anchor: a pair's loss is the anchor's SupCon loss, the mean over pairs
-        # the mean over the anchors with a positive.
-        return supcon(embeddings, labels, self.temperature)
+        anchors, partners = positive_pairs(labels)
+        if len(anchors) == 0 or bool((labels == labels[0]).all()):
+            return self._zero(embeddings)  # no positive or no negative pair
+        u = _embed(embeddings, normalize=True)
+        scale = _checks.inverse_temperature(self.temperature, embeddings)
+        lse_neg = _NegativesLSE.apply(u, labels.long(), scale)
+        acc = lse_neg.dtype
+        positive = scale.to(acc) * _row_dot(u[anchors], u[partners])
+        return exact_softplus(lse_neg[anchors] - positive).mean()
+
+
+def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """labels (M,) -> (anchors, partners) (P,): every ordered pair a != p of equal labels, built
+    from the sorted labels in O(P) memory (no M x M mask)."""
+    sorted_labels, order = labels.sort(stable=True)
+    counts = torch.unique_consecutive(sorted_labels, return_counts=True)[1]
+    group_start = (counts.cumsum(0) - counts).repeat_interleave(counts)  # per sorted position
+    n_partners = counts.repeat_interleave(counts) - 1
+    anchor = torch.arange(len(labels), device=labels.device).repeat_interleave(n_partners)
+    first = (n_partners.cumsum(0) - n_partners).repeat_interleave(n_partners)
+    partner = group_start[anchor] + torch.arange(len(anchor), device=labels.device) - first
+    partner = partner + (partner >= anchor)  # skip the anchor itself
+    return order[anchor], order[partner]
+
+
+class _NegativesLSE(torch.autograd.Function):
+    """u (M, D) unit rows, labels (M,) int64, scale () -> lse_neg (M,): log sum over the rows of
+    another label of exp(scale <u_a, u_n>) (fp32; -inf without negatives). Backward runs
+    fastcl::gram_contrastive_backward with coefficients that weight the negatives by
+    grad_a softmax and the positives by 0 (1 / count = 0 and share = 1 make
+    (q - 1 / count) - q share vanish)."""
+
+    @staticmethod
+    def forward(ctx, u, labels, scale):
+        stats = gram_contrastive(u, labels, scale)[1]
+        ctx.save_for_backward(u, labels, scale, stats)
+        return stats[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, labels, scale, stats = ctx.saved_tensors
+        lse_neg, lse_pos = stats[0], stats[1]
+        coef = torch.stack([grad.to(stats.dtype), lse_neg, lse_pos, torch.zeros_like(lse_neg),
+                            torch.ones_like(lse_neg)])
+        du = gram_contrastive_backward(u, labels, scale, coef)
+        dscale = None
+        if ctx.needs_input_grad[2]:  # as fastcl::gram_contrastive's: the logits are linear in scale
+            dscale = ((du * u.to(du.dtype)).sum() / (2 * scale.to(du.dtype))).to(scale.dtype)
+        return du.to(u.dtype), None, dscale
 
 
 class SupConLoss(_PMLLoss):

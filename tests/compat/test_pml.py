@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcl.compat.pml import NTXentLoss, SupConLoss
+from fastcl.compat.pml import NTXentLoss, SupConLoss, positive_pairs
 from tests.compat.peers import DTYPES, compare
 from tests.helpers import assert_close
 
@@ -28,10 +28,9 @@ def _angles(angles, normalized=False, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", TEST_DTYPES)
 def test_ntxent_loss_cases(dtype):
-    """test_ntxent_loss: its SupConLoss case (D) by the test's formula; its NTXentLoss case (A)
-    has a class of three (two positives per anchor), which raises; the same embeddings as pairs
-    of views (labels 0, 0, 1, 1, 2, 3) by the test's formula; its LpDistance (B, E) and
-    PerAnchorReducer (C) cases raise."""
+    """test_ntxent_loss: its NTXentLoss case (A, a class of three: two positives per anchor) and
+    its SupConLoss case (D) by the test's formula; the same embeddings as pairs of views (labels
+    0, 0, 1, 1, 2, 3); its LpDistance (B, E) and PerAnchorReducer (C) cases raise."""
     temperature = 0.1
     embeddings = _angles([0, 10, 20, 50, 60, 80], normalized=True, dtype=dtype)
     rtol = 1e-2 if dtype == torch.float16 else 1e-5
@@ -51,12 +50,13 @@ def test_ntxent_loss_cases(dtype):
         return nt, sc
 
     labels = [0, 0, 0, 1, 1, 2]
-    _, sc = pair_losses(labels)
+    nt, sc = pair_losses(labels)
     expected = torch.stack([torch.stack(v).mean() for v in sc.values()]).mean()
     obtained = SupConLoss(temperature=temperature)(embeddings, torch.tensor(labels))
     assert torch.isclose(obtained.double(), expected, rtol=rtol)
-    with pytest.raises(ValueError, match="at most one positive"):
-        NTXentLoss(temperature=temperature)(embeddings, torch.tensor(labels))
+    expected = torch.stack([x for v in nt.values() for x in v]).mean()
+    obtained = NTXentLoss(temperature=temperature)(embeddings, torch.tensor(labels))
+    assert torch.isclose(obtained.double(), expected, rtol=rtol)
 
     labels = [0, 0, 1, 1, 2, 3]
     nt, _ = pair_losses(labels)
@@ -115,6 +115,39 @@ def test_ntxent_equals_pml(dtype, n, d, temperature):
     compare(lambda e: NTXentLoss(temperature)(e, labels),
             lambda e: pml.NTXentLoss(temperature)(e, labels), [embeddings], dtype,
             f"NTXentLoss {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, d, classes", [(13, 7, 3), (40, 33, 6), (7, 5, 2), (30, 9, 30)])
+def test_ntxent_several_positives_equals_pml(dtype, m, d, classes):
+    """Classes of any size (each positive pair its own term, the other positives in no
+    denominator), with a learnable temperature."""
+    labels = torch.randint(0, classes, (m,))
+    embeddings = torch.randn(m, d)
+    compare(lambda e, t: NTXentLoss(t)(e, labels), lambda e, t: pml.NTXentLoss(t)(e, labels),
+            [embeddings, torch.tensor(0.15)], dtype, f"NTXentLoss {dtype}")
+
+
+def test_ntxent_near_duplicate_positives():
+    """Late training: each class's rows are near-duplicates far from the other classes, so each
+    pair's loss is ~1e-9 and below fp32's resolution of the ratio pytorch-metric-learning
+    rounds; fastcl's fp32 loss and gradient equal pytorch-metric-learning's in float64."""
+    centers = torch.nn.functional.normalize(torch.randn(5, 32), dim=1) * 4
+    labels = torch.arange(5).repeat_interleave(3)
+    embeddings = centers[labels] + 1e-4 * torch.randn(15, 32)
+    actual, expected = compare(lambda e: NTXentLoss(0.05)(e, labels),
+                               lambda e: pml.NTXentLoss(0.05)(e, labels), [embeddings],
+                               torch.float32, "near-duplicate NTXentLoss")
+    assert 0 < float(expected.detach()) < 1e-6
+
+
+def test_positive_pairs():
+    """Every ordered pair of distinct rows with equal labels, once, for shuffled labels."""
+    labels = torch.randint(0, 6, (40,))
+    anchors, partners = positive_pairs(labels)
+    same = labels[:, None] == labels[None, :]
+    expected = {(a, p) for a, p in same.fill_diagonal_(False).nonzero().tolist()}
+    assert sorted(zip(anchors.tolist(), partners.tolist())) == sorted(expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
