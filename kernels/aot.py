@@ -279,8 +279,9 @@ def _sweep_siglip(k):
     for dtype in _operand_kinds(k.CONFIGS["dtypes"]):
         for d in k.CONFIGS["dims"]:
             x, y = _rows(32, d, dtype), _rows(48, d, dtype)
-            k.sigmoid_pairs_fwd(x, y, scale, bias, 0)
-            k.sigmoid_pairs_bwd(x, y, scale, bias, 0, torch.rand(32))
+            for norms in ({}, dict(inv_x=torch.rand(32), inv_y=torch.rand(48))):
+                k.sigmoid_pairs_fwd(x, y, scale, bias, 0, **norms)
+                k.sigmoid_pairs_bwd(x, y, scale, bias, 0, torch.rand(32), **norms)
 
 
 def _sweep_sinkhorn(k):

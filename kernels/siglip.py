@@ -3,6 +3,11 @@
 For x (M, D), y (N, D), logits t_ij = scale <x_i, y_j> + bias, positives j - i == offset and every
 other pair negative (fastcl/ops/siglip.py has the contract), with u = -z t:
 
+With NORMALIZE, each logit is formed from the raw rows and their fp32 inverse norms,
+t_ij = scale inv_x_i inv_y_j <x_i, y_j> + bias (SigLIP's normalized features): 16-bit rows go
+into tl.dot as they are, never rounded again after normalizing, and every gradient is w.r.t. the
+normalized rows (the caller applies the normalization's Jacobian).
+
 * ``_sigmoid_fwd_kernel``: row-stationary; a program owns BLOCK_M rows of x and streams the blocks
   of y, adding each pair's softplus(u) = max(u, 0) + log1p(exp(-|u|)) to its row's loss.
 * ``_sigmoid_bwd_kernel``: recomputes the tiles; W_ij = -z_ij g_i sigmoid(u_ij). Stationary on
@@ -42,9 +47,13 @@ __all__ = ["CONFIGS", "MAX_DIM", "sigmoid_pairs_bwd", "sigmoid_pairs_fwd"]
 
 
 @triton.jit
-def _signed_logits2(a, b, rows, cols, offset, scale2, bias2, PRECISION: tl.constexpr):
-    """(raw (P, Q) = a b^T, positive mask, u2 = -z t in log2 units) of one tile."""
+def _signed_logits2(a, b, inv_a, inv_b, rows, cols, offset, scale2, bias2,
+                    NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """(raw (P, Q) = a_hat b_hat^T, positive mask, u2 = -z t in log2 units) of one tile, a_hat =
+    inv_a a when NORMALIZE (inv_a (P,), inv_b (Q,)), else a."""
     raw = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+    if NORMALIZE:
+        raw = raw * inv_a[:, None] * inv_b[None, :]
     t2 = raw * scale2 + bias2
     pos = cols[None, :] - rows[:, None] == offset
     return raw, pos, tl.where(pos, -t2, t2)
@@ -59,14 +68,25 @@ def _log1p_small(e):
 
 
 @triton.jit
+def _load_inverse_norms(ptr, idx, n, NORMALIZE: tl.constexpr):
+    """inv[idx] (0 past n), or placeholder ones (unused) without NORMALIZE."""
+    inv = tl.zeros(idx.shape, tl.float32) + 1.0
+    if NORMALIZE:
+        inv = tl.load(ptr + idx, mask=idx < n, other=0.0)
+    return inv
+
+
+@triton.jit
 def _sigmoid_fwd(
     x_ptr,  # (M, D)
     y_ptr,  # (N, D)
+    inv_x_ptr, inv_y_ptr,  # (M,), (N,) float32 inverse row norms, read when NORMALIZE
     scale_ptr, bias_ptr,  # () float32
     loss_ptr,  # (M,) float32, out
     M, N, D,
     stride_xm, stride_xd, stride_yn, stride_yd,
     offset,  # positives: j - i == offset (N: none)
+    NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -76,6 +96,7 @@ def _sigmoid_fwd(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     x = _load_rows(x_ptr, rows, dims, M, D, stride_xm, stride_xd)
+    inv_x = _load_inverse_norms(inv_x_ptr, rows, M, NORMALIZE)
     scale2 = tl.load(scale_ptr) * 1.4426950408889634
     bias2 = tl.load(bias_ptr) * 1.4426950408889634
     linear = tl.zeros([BLOCK_M], tl.float32)  # sum of max(u2, 0), log2 units
@@ -83,7 +104,9 @@ def _sigmoid_fwd(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         y = _load_rows(y_ptr, cols, dims, N, D, stride_yn, stride_yd)
-        _, _, u2 = _signed_logits2(x, y, rows, cols, offset, scale2, bias2, PRECISION)
+        inv_y = _load_inverse_norms(inv_y_ptr, cols, N, NORMALIZE)
+        _, _, u2 = _signed_logits2(x, y, inv_x, inv_y, rows, cols, offset, scale2, bias2,
+                                   NORMALIZE, PRECISION)
         col_ok = (cols < N)[None, :]
         linear += tl.sum(tl.where(col_ok, tl.maximum(u2, 0.0), 0.0), 1)
         small += tl.sum(tl.where(col_ok, _log1p_small(tl.exp2(-tl.abs(u2))), 0.0), 1)
@@ -94,6 +117,7 @@ def _sigmoid_fwd(
 def _sigmoid_bwd(
     a_ptr,  # (P, D): the stationary side (x, or y for dy)
     b_ptr,  # (Q, D): the streamed side
+    inv_a_ptr, inv_b_ptr,  # (P,), (Q,) float32 inverse row norms, read when NORMALIZE
     scale_ptr, bias_ptr,  # () float32
     grad_ptr,  # (M,) float32: g of the rows of x (those of a when GRAD_ON_ROWS, else of b)
     da_ptr,  # (P, D) float32, out
@@ -103,17 +127,19 @@ def _sigmoid_bwd(
     offset,  # positives: col - row == offset (Q: none)
     GRAD_ON_ROWS: tl.constexpr,
     RESCALE_W: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """da = scale W b for the BLOCK_M rows of a this program owns (W the weights of the pairs as
-    (row of a, row of b))."""
+    (row of a, row of b); b_hat for b when NORMALIZE)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < P
     a = _load_rows(a_ptr, rows, dims, P, D, stride_ap, stride_ad)
+    inv_a = _load_inverse_norms(inv_a_ptr, rows, P, NORMALIZE)
     scale = tl.load(scale_ptr)
     scale2 = scale * 1.4426950408889634
     bias2 = tl.load(bias_ptr) * 1.4426950408889634
@@ -126,7 +152,9 @@ def _sigmoid_bwd(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < Q
         b = _load_rows(b_ptr, cols, dims, Q, D, stride_bq, stride_bd)
-        raw, pos, u2 = _signed_logits2(a, b, rows, cols, offset, scale2, bias2, PRECISION)
+        inv_b = _load_inverse_norms(inv_b_ptr, cols, Q, NORMALIZE)
+        raw, pos, u2 = _signed_logits2(a, b, inv_a, inv_b, rows, cols, offset, scale2, bias2,
+                                       NORMALIZE, PRECISION)
         e = tl.exp2(-tl.abs(u2))
         sig = tl.where(u2 >= 0, 1.0, e) / (1.0 + e)  # sigmoid(u) = d softplus(u) / du
         if GRAD_ON_ROWS:
@@ -134,7 +162,10 @@ def _sigmoid_bwd(
         else:
             g = tl.load(grad_ptr + cols, mask=col_ok, other=0.0)[None, :]
         w = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(pos, -sig, sig) * g, 0.0)
-        acc += _w_dot(w, b, RESCALE_W, PRECISION)
+        if NORMALIZE:  # W b_hat = (W inv_b) b
+            acc += _w_dot(w * inv_b[None, :], b, RESCALE_W, PRECISION)
+        else:
+            acc += _w_dot(w, b, RESCALE_W, PRECISION)
         if GRAD_ON_ROWS:
             dscale += tl.sum(w * raw, 1)
             dbias += tl.sum(w, 1)
@@ -146,23 +177,36 @@ def _sigmoid_bwd(
 
 
 # Tiles autotuned on a GPU over the contrastive family's candidates (the same register shapes).
-_sigmoid_fwd_kernel = _autotuned(_sigmoid_fwd, lambda c: False, [])
-_sigmoid_bwd_kernel = _autotuned(_sigmoid_bwd, lambda c: True, ["GRAD_ON_ROWS", "RESCALE_W"])
+_sigmoid_fwd_kernel = _autotuned(_sigmoid_fwd, lambda c: False, ["NORMALIZE"])
+_sigmoid_bwd_kernel = _autotuned(_sigmoid_bwd, lambda c: True,
+                                 ["GRAD_ON_ROWS", "RESCALE_W", "NORMALIZE"])
 
 
-def sigmoid_pairs_fwd(x, y, scale, bias, diag_offset, *, block_m=None, block_n=None):
-    """x (M, D), y (N, D), scale (), bias () -> row_loss (M,) float32."""
+def _norms_args(inv_x, inv_y, x):
+    """The kernels' (inv_x, inv_y, NORMALIZE): a placeholder tensor where the norms are unused."""
+    if inv_x is None:
+        return x, x, False
+    return inv_x.float().contiguous(), inv_y.float().contiguous(), True
+
+
+def sigmoid_pairs_fwd(x, y, scale, bias, diag_offset, *, inv_x=None, inv_y=None, block_m=None,
+                      block_n=None):
+    """x (M, D), y (N, D), scale (), bias () -> row_loss (M,) float32; with inverse row norms
+    inv_x (M,), inv_y (N,), those of the normalized rows."""
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     launch = _Launch(x, False, block_m, block_n)  # checks D even when there are no rows
     loss = torch.empty(m, dtype=torch.float32, device=x.device)
+    inv_x, inv_y, normalize = _norms_args(inv_x, inv_y, x)
     if m:
         launch(_sigmoid_fwd_kernel, lambda block: (triton.cdiv(m, block),),
-               x, y, scale.float(), bias.float(), loss, m, n, d, x.stride(0), x.stride(1),
-               y.stride(0), y.stride(1), _offset(m, n, diag_offset, True))
+               x, y, inv_x, inv_y, scale.float(), bias.float(), loss, m, n, d, x.stride(0),
+               x.stride(1), y.stride(0), y.stride(1), _offset(m, n, diag_offset, True),
+               NORMALIZE=normalize)
     return loss
 
 
-def _bwd_pass(a, b, scale, bias, grad, offset, grad_on_rows, block_m, block_n):
+def _bwd_pass(a, b, inv_a, inv_b, normalize, scale, bias, grad, offset, grad_on_rows, block_m,
+              block_n):
     """da (P, D) float32 and, when grad_on_rows, the per-row partials (dscale, dbias) (P,)."""
     p, q, d = a.shape[0], b.shape[0], a.shape[1]
     launch = _Launch(a, True, block_m, block_n)
@@ -170,16 +214,22 @@ def _bwd_pass(a, b, scale, bias, grad, offset, grad_on_rows, block_m, block_n):
     parts = torch.empty(2, p if grad_on_rows else 0, dtype=torch.float32, device=a.device)
     if p:
         launch(_sigmoid_bwd_kernel, lambda block: (triton.cdiv(p, block),),
-               a, b, scale.float(), bias.float(), grad, da, parts[0], parts[1], p, q, d,
-               a.stride(0), a.stride(1), b.stride(0), b.stride(1), _offset(p, q, offset, True),
-               GRAD_ON_ROWS=grad_on_rows, RESCALE_W=a.dtype == torch.float16)
+               a, b, inv_a, inv_b, scale.float(), bias.float(), grad, da, parts[0], parts[1], p,
+               q, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+               _offset(p, q, offset, True), GRAD_ON_ROWS=grad_on_rows,
+               RESCALE_W=a.dtype == torch.float16, NORMALIZE=normalize)
     return da, parts
 
 
-def sigmoid_pairs_bwd(x, y, scale, bias, diag_offset, grad, *, block_m=None, block_n=None):
+def sigmoid_pairs_bwd(x, y, scale, bias, diag_offset, grad, *, inv_x=None, inv_y=None,
+                      block_m=None, block_n=None):
     """-> (dx (M, D), dy (N, D), dscale (), dbias ()) float32 for the upstream grad (M,): a pass
-    stationary on the rows of x, then one on the rows of y."""
+    stationary on the rows of x, then one on the rows of y. With inverse row norms, the
+    gradients are w.r.t. the normalized rows."""
     grad = grad.float().contiguous()
-    dx, parts = _bwd_pass(x, y, scale, bias, grad, diag_offset, True, block_m, block_n)
-    dy, _ = _bwd_pass(y, x, scale, bias, grad, -diag_offset, False, block_m, block_n)
+    inv_x, inv_y, normalize = _norms_args(inv_x, inv_y, x)
+    dx, parts = _bwd_pass(x, y, inv_x, inv_y, normalize, scale, bias, grad, diag_offset, True,
+                          block_m, block_n)
+    dy, _ = _bwd_pass(y, x, inv_y, inv_x, normalize, scale, bias, grad, -diag_offset, False,
+                      block_m, block_n)
     return dx, dy, parts[0].sum(), parts[1].sum()

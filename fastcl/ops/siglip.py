@@ -27,7 +27,8 @@ as the texts travel. The backward weight of a pair is W_ij = g_i d softplus(u_ij
   forms each tile once (1 GEMM: loss terms and W with g = 1; 2 GEMMs: dx, dy) and backward only
   multiplies by that scalar: 3 GEMMs where sigmoid_pairs' forward + backward take 4. normalize:
   the rows of x and y are L2-normalized first (F.normalize), inside the op: only the inverse
-  norms are formed, and dx, dy are the gradients w.r.t. the raw rows (the normalization's
+  norms are formed (the kernels scale each logit by them: 16-bit rows are never rounded again
+  after normalizing), and dx, dy are the gradients w.r.t. the raw rows (the normalization's
   Jacobian applied in place). The gradients it returns are saved for backward; they are not
   differentiable outputs.
 
@@ -41,10 +42,12 @@ gradients (what the leaves receive).
 Backends, chosen per device by PyTorch's dispatcher (``register_backends``, fastcl/_backend.py):
 each op's body runs the reference below and is the default kernel for any device; the CPU kernel
 runs csrc/siglip.cpp, the CUDA kernel kernels/siglip.py (sigmoid_pairs_sum as its forward and
-backward passes, normalization in PyTorch) for rows of D <= TRITON_MAX_DIM (wider rows
+backward passes, the normalization's Jacobian in PyTorch) for rows of D <= TRITON_MAX_DIM (wider rows
 run the reference). float64 runs the reference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -90,13 +93,11 @@ def sigmoid_pairs_backward_ref(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor
 _NORM_EPS = 1e-12  # F.normalize's
 
 
-def _normalized(x: Tensor):
-    """(x_hat = F.normalize(x) in x's dtype, inverse norms (M,), kept (M,): rows whose norm
-    exceeds eps, the others only scaled), computed in the accumulation dtype."""
-    x = x.to(accumulation_dtype(x))
-    norms = torch.linalg.vector_norm(x, dim=1)
-    inv = 1 / norms.clamp_min(_NORM_EPS)
-    return x * inv[:, None], inv, norms > _NORM_EPS
+def _inverse_norms(x: Tensor):
+    """F.normalize's row scaling of x (M, D): (inverse norms (M,) in the accumulation dtype,
+    kept (M,): rows whose norm exceeds eps, the others only scaled)."""
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=accumulation_dtype(x))
+    return 1 / norms.clamp_min(_NORM_EPS), norms > _NORM_EPS
 
 
 def _normalize_backward(x: Tensor, inv: Tensor, kept: Tensor, grad: Tensor) -> Tensor:
@@ -108,25 +109,38 @@ def _normalize_backward(x: Tensor, inv: Tensor, kept: Tensor, grad: Tensor) -> T
 
 def _sum_from_passes(fwd, bwd, x, y, scale, bias, diag_offset, normalize):
     """sigmoid_pairs_sum from a forward and a backward pass (upstream g = 1), the normalization
-    around them: the reference's form and the CUDA one."""
-    xs, ys = x, y
+    around them: the CUDA form. With normalize, the passes get the raw rows and their fp32
+    inverse norms (keywords inv_x, inv_y) and form the normalized logits themselves, so 16-bit
+    rows are never rounded again after normalizing."""
+    norms = {}
     if normalize:
-        (xs, inv_x, kept_x), (ys, inv_y, kept_y) = _normalized(x), _normalized(y)
-        xs, ys = xs.to(x.dtype), ys.to(y.dtype)
-    loss = fwd(xs, ys, scale, bias, diag_offset).sum()
+        (inv_x, kept_x), (inv_y, kept_y) = _inverse_norms(x), _inverse_norms(y)
+        norms = dict(inv_x=inv_x, inv_y=inv_y)
+    loss = fwd(x, y, scale, bias, diag_offset, **norms).sum()
     ones = torch.ones(x.shape[0], dtype=loss.dtype, device=x.device)
-    dx, dy, dscale, dbias = bwd(xs, ys, scale, bias, diag_offset, ones)
+    dx, dy, dscale, dbias = bwd(x, y, scale, bias, diag_offset, ones, **norms)
     if normalize:
         dx = _normalize_backward(x, inv_x, kept_x, dx)
         dy = _normalize_backward(y, inv_y, kept_y, dy)
     return loss, dx, dy, dscale, dbias
 
 
+def _rows(x: Tensor, inv: Optional[Tensor]) -> Tensor:
+    """x, or its rows scaled by inv (M,) in the accumulation dtype."""
+    return x if inv is None else x.to(inv.dtype) * inv[:, None]
+
+
 def sigmoid_pairs_sum_ref(x: Tensor, y: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
                           normalize: bool):
     """(loss (), dx (M, D), dy (N, D), dscale (), dbias ()) of loss = sum of the row losses."""
-    return _sum_from_passes(sigmoid_pairs_ref, sigmoid_pairs_backward_ref, x, y, scale, bias,
-                            diag_offset, normalize)
+    def fwd(x, y, scale, bias, diag_offset, inv_x=None, inv_y=None):
+        return sigmoid_pairs_ref(_rows(x, inv_x), _rows(y, inv_y), scale, bias, diag_offset)
+
+    def bwd(x, y, scale, bias, diag_offset, grad, inv_x=None, inv_y=None):
+        return sigmoid_pairs_backward_ref(_rows(x, inv_x), _rows(y, inv_y), scale, bias,
+                                          diag_offset, grad)
+
+    return _sum_from_passes(fwd, bwd, x, y, scale, bias, diag_offset, normalize)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -238,6 +238,26 @@ def test_sum_half_inputs(backend, dtype):
     check_sum(backend, x.to(dtype), y.to(dtype), 10.0, -10.0, 0, True, tol=1e-3)
 
 
+def test_sum_half_inputs_normalized_in_fp32(backend):
+    """16-bit rows are normalized in fp32 and never rounded again: the scale's gradient, a sum of
+    N^2 terms W_ij <x_i, y_j> that largely cancel, stays within fp32 accumulation error of the
+    float64 formula on the same 16-bit rows (rounding the normalized rows to fp16 makes it 1e-4
+    of the terms' magnitude)."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = (torch.randn(40, 16, generator=gen).half().to(backend) for _ in range(2))
+        scale = torch.tensor(10.0, device=backend, requires_grad=True)
+        bias = torch.tensor(-10.0, device=backend, requires_grad=True)
+        dscale, = torch.autograd.grad(sigmoid_pairs_sum(x, y, scale, bias, 0, True)[0], scale)
+        x64, y64 = (torch.nn.functional.normalize(t.double(), dim=1) for t in (x, y))
+        s = x64 @ y64.T
+        t = (s * 10.0 - 10.0).requires_grad_()
+        z = 2 * torch.eye(40, dtype=torch.float64, device=backend) - 1
+        dt, = torch.autograd.grad(torch.nn.functional.softplus(-z * t).sum(), t)
+        terms = dt * s  # d loss / d scale = sum of the terms
+        assert abs(float(dscale) - float(terms.sum())) <= 1e-5 * float(terms.abs().sum())
+
+
 def test_sum_matches_two_passes(backend):
     """The one-pass op and sigmoid_pairs' forward + backward agree (same fp32 kernels' sums)."""
     x, y = unit_rows(50, 20, backend), unit_rows(61, 20, backend)
