@@ -51,6 +51,8 @@ from fastcl import formulas  # noqa: E402
 from fastcl.ops.contrastive import cross_contrastive_ref  # noqa: E402
 from fastcl.ops.momentum import momentum_update_ref  # noqa: E402
 from fastcl.ops.sinkhorn import sinkhorn_log_ref  # noqa: E402
+from dino_head import (  # noqa: E402 (benchmarks/dino_head.py: the same three implementations)
+    _head_inputs, _ibot, dino_fused, dino_head_then_fastcl, dino_head_then_formula)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "matmul_tflops",
@@ -67,12 +69,14 @@ SIZES = {
                  (65536, 256)), check_rows=256, queue=(256, 65536, 128), clip=(32768, 256),
                  supcon=(16384, 128), siglip_check=(4096, 256), siglip=(16384, 256),
                  dino=(12, 2, 32, 65536), dino_bench=(12, 2, 64, 65536),
+                 dino_head=(10, 2, 64, 256, 65536), ibot_tokens=3763,
                  sinkhorn=(4096, 3000), bank=(256, 4096, 128, 100_000), copy_mib=1024,
                  matmul=8192, train=["--epochs", "3", "--batch-size", "256"]),
     "smoke": dict(ntx_rows=96, ntx_dims=(16, 40), ntx_bench=((64, 16),), check_rows=8,
                   queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), siglip_check=(40, 16),
                   siglip=(48, 16), dino=(3, 2, 4, 80),
-                  dino_bench=(3, 2, 4, 80), sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
+                  dino_bench=(3, 2, 4, 80), dino_head=(3, 2, 4, 16, 80), ibot_tokens=20,
+                  sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
                   matmul=64, train=["--epochs", "1", "--batch-size", "8", "--width", "0.125",
                                     "--proj-hidden", "32"]),
 }
@@ -354,6 +358,23 @@ def check_others(run: Run) -> None:
                                     [3 * torch.randn(crops, b, k), 3 * torch.randn(t_crops, b, k)],
                                     [torch.tensor(1.0, device=dev)]))
 
+    crops, t_crops, b, h, k = s["dino_head"]
+    head_center = (0.1 * torch.randn(k)).to(dev)
+    for dtype in run.dot_dtypes:
+        def fused(student, teacher, weight, teacher_weight):
+            return (fastcl.dino_head_loss(student, teacher.detach(), weight,
+                                          teacher_weight.detach(), head_center),)
+
+        def reference(student, teacher, weight, teacher_weight):
+            return (formulas.dino_loss(student @ weight.T, (teacher @ teacher_weight.T).detach(),
+                                       head_center.double(), 0.1, 0.04),)
+
+        run.guarded(f"dino_head S={crops} B={b} H={h} K={k}", "check", dtype,
+                    lambda: compare(run, f"dino_head S={crops} B={b} H={h} K={k}", dtype, fused,
+                                    reference, [torch.randn(crops, b, h), torch.randn(t_crops, b, h),
+                                                0.2 * torch.randn(k, h), 0.2 * torch.randn(k, h)],
+                                    [torch.tensor(1.0, device=dev)]))
+
     n, d = s["siglip_check"]
     for dtype in run.dot_dtypes:
         def fused(image, text, scale, bias):
@@ -596,6 +617,24 @@ def benchmarks(run: Run) -> None:
             compiled(lambda a: formulas.dino_loss(a, teacher, center, 0.1, 0.04), run), [student])
     bench(run, f"dino S={crops} B={b} K={k}", "bf16", impls,
           nbytes=(2 * crops + t_crops) * b * k * 2, deferred=later)
+
+    crops, t_crops, b, h, k = s["dino_head"]
+    n_tokens = s["ibot_tokens"]
+    ibot_formula, ibot_fused = _ibot(n_tokens, b)
+    for dtype in (run.half, "fp32"):
+        student_shape, teacher_shape = (crops, b, h), (t_crops, b, h)
+        for case, shapes, impls in [
+                (f"dino_head S={crops} T={t_crops} B={b} H={h} K={k}",
+                 (student_shape, teacher_shape),
+                 {"fastcl": dino_fused, "head + fastcl.dino_loss": dino_head_then_fastcl,
+                  "head + naive (DINO)": dino_head_then_formula}),
+                (f"ibot_head N={n_tokens} H={h} K={k}", ((n_tokens, h), (n_tokens, h)),
+                 {"fastcl": ibot_fused, "head + naive (iBOT)": ibot_formula})]:
+            inputs = _head_inputs(dev, DTYPES[dtype], *shapes, h, k)()
+            bench(run, case, dtype, {impl: lambda fn=fn, x=inputs: fwd_bwd(fn, x)
+                                     for impl, fn in impls.items()},
+                  flops=2 * h * k * (3 * math.prod(shapes[0][:-1]) + math.prod(shapes[1][:-1])),
+                  deferred=later)
 
     rows, cols = s["sinkhorn"]
     scores = F.normalize(torch.randn(rows, cols, device=dev), dim=1)

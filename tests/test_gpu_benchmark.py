@@ -29,7 +29,7 @@ def test_smoke_run_checks_and_measures_every_op(tmp_path):
            for r in rows if r["status"] != "ok"]
     assert not bad, "\n".join(bad)
     cases = {r["case"].split(" ")[0] for r in rows}
-    assert {"ceiling", "nt_xent", "info_nce", "clip", "supcon", "dino", "sinkhorn", "momentum",
+    assert {"ceiling", "nt_xent", "info_nce", "clip", "supcon", "dino", "dino_head", "ibot_head", "sinkhorn", "momentum",
             "queue", "sampled_info_nce", "train"} <= cases
     checks = [r for r in rows if r["impl"].startswith("check")]
     timed = [r for r in rows if r["ms"] and not r["impl"].startswith("check")]
