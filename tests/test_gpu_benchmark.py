@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,17 @@ def check_train_steps(rows):
             assert float(r["ms"]) == pytest.approx(8e3 / float(r["images_s"]), rel=2e-3)
             assert 0 < float(r["speedup"]) < math.inf
         assert float(impls["naive"]["speedup"]) == 1.0
+
+
+def test_train_step_cases_keep_to_the_deadline(tmp_path):
+    """A training-step case past the section's deadline is a skipped row; one whose warm-up steps
+    leave too little time for its timed rounds is skipped too, saying how long they would take."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu
+
+    run = gpu.Run(tmp_path, smoke=True, budget=math.inf, compile_baselines=False)
+    gpu.train_step_case(run, "late", "resnet50", "simclr", time.perf_counter() - 1)
+    gpu.train_step_case(run, "short", "resnet50", "simclr", time.perf_counter() + 0.05)
+    assert [(r["case"], r["status"]) for r in run.rows] == [("late", "skipped"),
+                                                            ("short", "skipped")]
+    assert "budget" in run.rows[0]["detail"] and "rounds would take" in run.rows[1]["detail"]
