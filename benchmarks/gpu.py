@@ -16,7 +16,14 @@ lease):
      every input exactly. Free device memory is filled with NaN before each run, so an output
      element a kernel forgets to write shows up;
   3. a short trainer run (``fastcl train simclr`` on the embedded digits, bf16);
-  4. benchmarks: fastcl against the naive formula, torch.compile of it and the peers that import
+  4. training steps (train_step): each method's whole step of benchmarks/train_step.py (augment,
+     forward, loss, backward, optimizer, momentum / queue / bank updates) under bf16 autocast with
+     channels-last weights and views, on ResNet-50 (ImageNet stem) at batch 256 and ViT-S/16, 224
+     px, the papers' ImageNet heads, fastcl's fused ops against the naive formulas on copies of
+     the same model and batch: images/s, speed-up, peak memory. ResNet-50 SimCLR, MoCo v3 and DINO
+     come first, then ViT-S/16 MoCo v3 and DINO, then the other methods; the section takes at
+     most 150 s of the budget, and a case whose warm-up steps say it would not fit is skipped;
+  5. benchmarks: fastcl against the naive formula, torch.compile of it and the peers that import
      here (open_clip's ClipLoss, Inf-CL's inf_cl, torch._foreach_lerp_), median time from
      triton.testing.do_bench, peak memory above the inputs (torch.cuda.max_memory_allocated).
      ``tflops`` counts the naive formula's FLOPs for every implementation alike (NT-Xent forward +
@@ -24,8 +31,9 @@ lease):
      move (its inputs read once, its outputs and gradients written once).
 
 Writes DIR/gpu_<device>.csv with the columns of FIELDS (status: ok, FAIL, error or skipped;
-detail: the errors measured or the exception), DIR/gpu_<device>.png when matplotlib imports, and
-prints a short table last. Installs nothing; every optional import is guarded.
+detail: the errors measured or the exception; images_s and speedup: the training steps'),
+DIR/gpu_<device>.png when matplotlib imports, and prints a short table last. Installs nothing;
+every optional import is guarded.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,15 +57,18 @@ import torch.nn.functional as F  # noqa: E402
 
 import fastcl  # noqa: E402
 from fastcl import formulas  # noqa: E402
+from fastcl.models import Bottleneck, ResNet, ViT  # noqa: E402
 from fastcl.ops.contrastive import cross_contrastive_ref  # noqa: E402
 from fastcl.ops.momentum import momentum_update_ref  # noqa: E402
 from fastcl.ops.sinkhorn import sinkhorn_log_ref  # noqa: E402
 from dino_head import (  # noqa: E402 (benchmarks/dino_head.py: the same three implementations)
     _head_inputs, _ibot, dino_fused, dino_head_then_fastcl, dino_head_then_formula)
 
+import train_step  # noqa: E402  (benchmarks/, this script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "matmul_tflops",
-          "copy_gbps", "device", "torch", "triton", "commit", "status", "detail"]
+FIELDS = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "images_s", "speedup",
+          "matmul_tflops", "copy_gbps", "device", "torch", "triton", "commit", "status", "detail"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Max error relative to the reference's largest magnitude. Inputs are rounded to the dtype before
 # the float64 reference sees them: only accumulation and the final rounding differ.
@@ -71,14 +83,23 @@ SIZES = {
                  dino=(12, 2, 32, 65536), dino_bench=(12, 2, 64, 65536),
                  dino_head=(10, 2, 64, 256, 65536), ibot_tokens=3763,
                  sinkhorn=(4096, 3000), bank=(256, 4096, 128, 100_000), copy_mib=1024,
-                 matmul=8192, train=["--epochs", "3", "--batch-size", "256"]),
+                 matmul=8192, train=["--epochs", "3", "--batch-size", "256"],
+                 train_step=dict(side=224, batch=256, width=1.0, layers=(3, 4, 6, 3),
+                                 num_items=1_281_167,
+                                 vit=dict(dim=384, depth=12, heads=6, patch_size=16),
+                                 hparams="imagenet", every_method_on=("resnet50", "vit_s16"),
+                                 warmup=2, rounds=3, seconds=150)),
     "smoke": dict(ntx_rows=96, ntx_dims=(16, 40), ntx_bench=((64, 16),), check_rows=8,
                   queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), siglip_check=(40, 16),
                   siglip=(48, 16), dino=(3, 2, 4, 80),
                   dino_bench=(3, 2, 4, 80), dino_head=(3, 2, 4, 16, 80), ibot_tokens=20,
                   sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
                   matmul=64, train=["--epochs", "1", "--batch-size", "8", "--width", "0.125",
-                                    "--proj-hidden", "32"]),
+                                    "--proj-hidden", "32"],
+                  train_step=dict(side=32, batch=8, width=0.125, layers=(1, 1, 1, 1), num_items=64,
+                                  vit=dict(dim=24, depth=1, heads=2, patch_size=8),
+                                  hparams="smoke", every_method_on=("resnet50",), warmup=1,
+                                  rounds=1, seconds=math.inf)),
 }
 
 
@@ -483,7 +504,125 @@ def train(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Benchmarks
+# 4. Training steps
+# ----------------------------------------------------------------------------------------------
+# Hyper-parameters replacing the methods' defaults: at 224 px the papers' ImageNet heads, queue
+# and multi-crop (the values the HPARAMS help texts give); in smoke runs, fewer keys for the
+# Triton interpreter.
+STEP_HPARAMS = {
+    "imagenet": {
+        "simclr": dict(proj_hidden=2048, temperature=0.1),
+        "mocov2": dict(mlp_hidden=2048, queue_size=65536, momentum=0.999),
+        "mocov3": dict(proj_hidden=4096, proj_dim=256),
+        "byol": dict(proj_hidden=4096, proj_dim=256),
+        "simsiam": dict(proj_dim=2048, pred_hidden=512),
+        "swav": dict(num_prototypes=3000, num_small_crops=6, temperature=0.1),
+        "dino": dict(out_dim=65536, head_hidden=2048, bottleneck=256, num_local_crops=8,
+                     student_temp=0.1, centering="ema", teacher_momentum=0.996),
+        "supcon": dict(proj_hidden=2048),
+    },
+    "smoke": {"mocov2": dict(queue_size=32), "instdisc": dict(num_negatives=16)},
+}
+
+
+def train_step_order(run: Run) -> list[tuple[str, str]]:
+    """(backbone, method) pairs, the most telling first (the budget skips the last): ResNet-50
+    SimCLR, MoCo v3 and DINO, ViT-S/16 MoCo v3 and DINO, then every other method of
+    train_step.py on each backbone of the size's every_method_on (smoke: ResNet-50 alone)."""
+    first = [("resnet50", "simclr"), ("resnet50", "mocov3"), ("resnet50", "dino"),
+             ("vit_s16", "mocov3"), ("vit_s16", "dino")]
+    return first + [(b, m) for b in run.size["train_step"]["every_method_on"]
+                    for m in train_step.METHODS if (b, m) not in first]
+
+
+def step_backbone(run: Run, kind: str) -> torch.nn.Module:
+    """ResNet-50 with the ImageNet stem, or ViT-S/16 (smoke: one block per stage at 1/8 width, a
+    one-block ViT)."""
+    s = run.size["train_step"]
+    if kind == "resnet50":
+        return ResNet(Bottleneck, s["layers"], 3, s["width"], stem="imagenet")
+    return ViT(s["side"], 3, **s["vit"])
+
+
+def train_steps(run: Run) -> None:
+    """Each (backbone, method) of train_step_order, within the section's share of the budget."""
+    s = run.size["train_step"]
+    deadline = time.perf_counter() + min(max(run.left(), 0), s["seconds"])
+    # Smoke: one CPU thread. The tiny steps are thousands of small parallel regions, which
+    # OpenMP's spin-waiting makes several times slower on a shared machine.
+    threads = torch.get_num_threads()
+    if run.smoke:
+        torch.set_num_threads(1)
+    try:
+        for kind, name in train_step_order(run):
+            case = f"train_step {name} {kind} B={s['batch']} {s['side']}px"
+            run.guarded(case, "fastcl vs naive", "bf16",
+                        lambda: train_step_case(run, case, kind, name, deadline))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_step_case(run: Run, case: str, kind: str, name: str, deadline: float) -> None:
+    """One method's whole training step (benchmarks/train_step.py's: augment, forward and loss
+    under bf16 autocast, backward, optimizer, momentum / queue / bank updates) on channels-last
+    weights and views, fastcl's fused ops against the naive formulas, each on its own copy of the
+    same model from the same batch: `warmup` steps of each, then `rounds` rounds of one timed step
+    of each (synchronized). Rows: median ms, images/s (the batch over it), the median per-round
+    speed-up naive / impl (range in detail), the peak memory of a step above what was allocated
+    before it. Skipped when the warm-up steps say the rounds would pass the deadline."""
+    s, dev = run.size["train_step"], run.device
+    if time.perf_counter() >= deadline:
+        run.add(case, "fastcl vs naive", "bf16", status="skipped",
+                detail="the train_step share of the budget is spent")
+        return
+    hparams = STEP_HPARAMS[s["hparams"]].get(name, {})
+    method, cfg = train_step.build(name, backbone=step_backbone(run, kind), channels=3,
+                                   side=s["side"], batch_size=s["batch"], hparams=hparams,
+                                   num_items=s["num_items"])
+    method.to(dev, memory_format=torch.channels_last)
+    inputs = train_step.batch(cfg, 3, s["side"], s["num_items"], dev)
+    impls = {"fastcl": train_step.training_step(False, bf16=True, channels_last=True),
+             "naive": train_step.training_step(True, bf16=True, channels_last=True)}
+    states = {impl: train_step.fresh_state(method, cfg, inputs) for impl in impls}
+    del method
+
+    def timed(impl):  # -> (ms, MiB above what was allocated before the step, CUDA only)
+        sync(dev)
+        if dev == "cuda":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        impls[impl](*states[impl])
+        sync(dev)
+        ms = (time.perf_counter() - start) * 1e3
+        return ms, (torch.cuda.max_memory_allocated() - base) / MiB if dev == "cuda" else None
+
+    for _ in range(s["warmup"]):
+        last = {impl: timed(impl)[0] for impl in impls}
+    need = s["rounds"] * sum(last.values()) / 1e3
+    left = deadline - time.perf_counter()
+    if need > left:
+        run.add(case, "fastcl vs naive", "bf16", status="skipped",
+                detail=f"{s['rounds']} rounds would take ~{need:.0f} s, {left:.0f} s left")
+        return
+    times, peaks = {impl: [] for impl in impls}, {impl: [] for impl in impls}
+    for _ in range(s["rounds"]):
+        for impl in impls:
+            ms, mib = timed(impl)
+            times[impl].append(ms)
+            peaks[impl].append(mib)
+    for impl in impls:
+        ms = statistics.median(times[impl])
+        ratios = [n / t for n, t in zip(times["naive"], times[impl])]
+        run.add(case, impl, "bf16", ms=ms, images_s=s["batch"] / ms * 1e3,
+                speedup=statistics.median(ratios),
+                peak_mib=None if dev != "cuda" else max(peaks[impl]),
+                detail=f"speed-up range {min(ratios):.2f}-{max(ratios):.2f} over {s['rounds']} "
+                       f"rounds after {s['warmup']} warm-up steps; channels-last, bf16 autocast")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Benchmarks
 # ----------------------------------------------------------------------------------------------
 def fwd_bwd(loss_fn, inputs):
     """A closure computing loss_fn(*inputs) and backpropagating it, freeing the gradients."""
@@ -712,7 +851,8 @@ def plot(run: Run) -> None:
 
 
 def table(run: Run) -> str:
-    cols = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "status", "detail"]
+    cols = ["case", "impl", "dtype", "ms", "peak_mib", "tflops", "gbps", "images_s", "speedup",
+            "status", "detail"]
     lines = [" | ".join(cols)]
     for r in run.rows:
         lines.append(" | ".join(str(r.get(c, ""))[:70] for c in cols))
@@ -732,8 +872,9 @@ def main(argv=None) -> int:
                    help="seconds after which the remaining cases are skipped (default 420; "
                         "smoke: none)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile baselines")
-    p.add_argument("--sections", nargs="*", default=["ceilings", "check", "train", "bench"],
-                   choices=["ceilings", "check", "train", "bench"])
+    p.add_argument("--sections", nargs="*",
+                   default=["ceilings", "check", "train", "train_step", "bench"],
+                   choices=["ceilings", "check", "train", "train_step", "bench"])
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu.py: no CUDA device; use --smoke for the CPU run")
@@ -745,7 +886,7 @@ def main(argv=None) -> int:
     sections = dict(ceilings=ceilings, check=lambda r: (check_contrastive(r), check_others(r)),
                     train=lambda r: r.guarded("train simclr digits", "fastcl train", "bf16",
                                               lambda: train(r)),
-                    bench=benchmarks)
+                    train_step=train_steps, bench=benchmarks)
     for name in args.sections:
         try:
             sections[name](run)

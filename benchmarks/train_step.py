@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -118,13 +119,20 @@ def naive_ops(method: nn.Module):
             method.criterion = criterion
 
 
-def training_step(naive: bool):
-    """fn(method, optimizer, images, labels, indices, state): one whole step of the trainer."""
+def training_step(naive: bool, *, bf16: bool = False, channels_last: bool = False):
+    """fn(method, optimizer, images, labels, indices, state): one whole step of the trainer.
+    bf16: the forward and loss under torch.autocast(bfloat16), as the trainer's --precision bf16;
+    channels_last: the image views handed to the encoder in channels-last layout (the method's
+    weights converted by the caller)."""
     def step(method, optimizer, images, labels, indices, state):
         with naive_ops(method) if naive else contextlib.nullcontext():
             views = method.augment(images, state["g"])
+            if channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                         for v in views]  # images; InstDisc's drawn bank rows stay as they are
             extras = {"labels": labels, "indices": indices}
-            loss = method(views, epoch=1, **{k: extras[k] for k in method.batch_extras})
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = method(views, epoch=1, **{k: extras[k] for k in method.batch_extras})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward(1)
@@ -134,36 +142,49 @@ def training_step(naive: bool):
     return step
 
 
-def build(name: str, quick: bool) -> tuple[nn.Module, TrainConfig]:
-    """The method as the trainer builds it for the digits (quick: batch 8, 1/8 width)."""
+def build(name: str, quick: bool = False, *, backbone: nn.Module | None = None,
+          channels: int = CHANNELS, side: int = SIDE, batch_size: int | None = None,
+          hparams: dict | None = None, num_items: int = NUM_ITEMS) -> tuple[nn.Module, TrainConfig]:
+    """The method as the trainer builds it: for the digits (quick: batch 8, 1/8 width), or on
+    `backbone` for channels x side x side images, `hparams` replacing the method's defaults."""
     cfg = TrainConfig(method=name, width=0.125 if quick else None,
-                      batch_size=8 if quick else None).resolved()
+                      batch_size=8 if quick else batch_size, hparams=hparams or {}).resolved()
     torch.manual_seed(0)
-    method = build_method(cfg, CHANNELS, SIDE, [0.3] * CHANNELS, [0.2] * CHANNELS,
-                          num_items=NUM_ITEMS)
+    method = build_method(cfg, channels, side, [0.3] * channels, [0.2] * channels,
+                          num_items=num_items, backbone=backbone)
     return method.train(), cfg
+
+
+def batch(cfg: TrainConfig, channels: int, side: int, num_items: int, device) -> list:
+    """[images (B, C, side, side) uint8, labels (B,) of 10 classes, indices (B,) distinct rows of
+    num_items], the same for every call, on device."""
+    g = torch.Generator().manual_seed(0)
+    b = cfg.batch_size
+    images = (torch.rand(b, channels, side, side, generator=g) * 255).to(torch.uint8)
+    labels = torch.randint(0, 10, (b,), generator=g)
+    indices = torch.randperm(num_items, generator=g)[:b]
+    return [t.to(device) for t in (images, labels, indices)]
+
+
+def fresh_state(method: nn.Module, cfg: TrainConfig, inputs: list) -> list:
+    """The arguments of a training_step: a copy of method (every implementation starts from the
+    same state), its optimizer, the batch `inputs` and the step state (augmentation generator)."""
+    m = copy.deepcopy(method)
+    optimizer = build_optimizer(cfg.optimizer, m, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"g": torch.Generator(device=inputs[0].device).manual_seed(1), "step": 0}
+    return [m, optimizer, *inputs, state]
 
 
 def cases(device, quick):
     for name in METHODS:
         method, cfg = build(name, quick)
         method.to(device)
-        batch = cfg.batch_size
-        g = torch.Generator().manual_seed(0)
-        images = (torch.rand(batch, CHANNELS, SIDE, SIDE, generator=g) * 255).to(torch.uint8)
-        labels = torch.randint(0, 10, (batch,), generator=g)
-        indices = torch.randperm(NUM_ITEMS, generator=g)[:batch]
-
-        def make_inputs(method=method, cfg=cfg, images=images, labels=labels, indices=indices):
-            m = copy.deepcopy(method)  # every implementation starts from the same state
-            optimizer = build_optimizer(cfg.optimizer, m, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            state = {"g": torch.Generator(device=device).manual_seed(1), "step": 0}
-            return [m, optimizer, images.to(device), labels.to(device), indices.to(device),
-                    state]
-
-        yield Case(f"{name} B={batch} {cfg.backbone} x{cfg.width}", make_inputs,
+        inputs = batch(cfg, CHANNELS, SIDE, NUM_ITEMS, device)
+        yield Case(f"{name} B={cfg.batch_size} {cfg.backbone} x{cfg.width}",
+                   functools.partial(fresh_state, method, cfg, inputs),
                    {"fastcl": training_step(False), "naive": training_step(True)},
-                   baseline="naive", backward=False, compile=(), extra={"batch": batch})
+                   baseline="naive", backward=False, compile=(),
+                   extra={"batch": cfg.batch_size})
 
 
 if __name__ == "__main__":

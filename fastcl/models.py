@@ -3,7 +3,9 @@
 Written here with plain torch (no torchvision, no timm):
 
 - ResNet-18 / ResNet-50 with the small-image stem of the CIFAR SSL recipes: a 3x3 stride-1 first
-  convolution and no max-pool, so an 8x8 or 32x32 input keeps its resolution into the first stage.
+  convolution and no max-pool, so an 8x8 or 32x32 input keeps its resolution into the first stage;
+  or (stem="imagenet") torchvision's 7x7 stride-2 convolution and 3x3 stride-2 max-pool, which
+  bring a 224 px image to 56 px before the first stage (the ImageNet recipes' ResNet-50).
   ``width`` scales every stage's channels (64 * width in the first stage).
 - A small ViT (pre-norm transformer blocks, class token, learned position embeddings, a mask token
   for masked image modelling) whose patch size adapts to the image side.
@@ -64,16 +66,22 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """ResNet with a 3x3 stride-1 stem and no max-pool: (B, C, H, W) -> (B, out_dim)."""
+    """ResNet: (B, C, H, W) -> (B, out_dim). stem "small": a 3x3 stride-1 convolution and no
+    max-pool (small images); "imagenet": a 7x7 stride-2 convolution and a 3x3 stride-2 max-pool
+    (H / 4 into the first stage)."""
 
     def __init__(self, block: type, layers: Sequence[int], in_channels: int = 3,
-                 width: float = 1.0):
+                 width: float = 1.0, stem: str = "small"):
         super().__init__()
+        if stem not in ("small", "imagenet"):
+            raise ValueError(f"stem must be 'small' or 'imagenet', got {stem!r}")
         channels = [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
+        kernel, stride = (3, 1) if stem == "small" else (7, 2)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False),
+            nn.Conv2d(in_channels, channels[0], kernel, stride, kernel // 2, bias=False),
             nn.BatchNorm2d(channels[0]),
             nn.ReLU(inplace=True),
+            *([nn.MaxPool2d(3, 2, 1)] if stem == "imagenet" else []),
         )
         stages, in_ch = [], channels[0]
         for i, (ch, blocks) in enumerate(zip(channels, layers)):

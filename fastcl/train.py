@@ -164,9 +164,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std, *,
                  flip: bool = True, gather: bool = False, num_items: int = 0,
-                 min_crop_side: int = 6) -> nn.Module:
-    backbone = build_backbone(cfg.backbone, in_channels=data_channels, image_size=image_size,
-                              width=cfg.width)
+                 min_crop_side: int = 6, backbone: Optional[nn.Module] = None) -> nn.Module:
+    """cfg's method on cfg's backbone (or `backbone`, a module mapping (B, data_channels,
+    image_size, image_size) to (B, backbone.out_dim), e.g. an ImageNet-size encoder)."""
+    if backbone is None:
+        backbone = build_backbone(cfg.backbone, in_channels=data_channels, image_size=image_size,
+                                  width=cfg.width)
     return get_method(cfg.method)(backbone, image_size=image_size, mean=mean, std=std,
                                   flip=flip, gather=gather, num_items=num_items,
                                   min_crop_side=min_crop_side,

@@ -240,3 +240,27 @@ def test_siglip_training_step_keeps_only_the_gradients():
     inputs, opt = harness.train_state(make_inputs)
     step = harness.train_step(lambda x, y, s, b: siglip(x, y, s.exp(), b), inputs, opt, True)
     assert harness.peak_allocated(lambda: (step(), step()), "cpu") <= 4 * n * d * 4 + 1024
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_train_step_bf16_channels_last(naive):
+    """train_step.training_step with bf16=True and channels_last=True (gpu.py's training-step
+    section): the encoder gets channels-last image views and computes in bfloat16, and the step
+    updates the weights; without them, contiguous float32."""
+    from fastcl.models import Bottleneck, ResNet
+
+    module = _load_script("train_step")
+    for fast in (True, False):
+        backbone = ResNet(Bottleneck, (1, 1, 1, 1), 3, 0.125, stem="imagenet")
+        method, cfg = module.build("simclr", backbone=backbone, channels=3, side=16,
+                                   batch_size=4, hparams={"proj_hidden": 16})
+        if fast:
+            method.to(memory_format=torch.channels_last)
+        args = module.fresh_state(method, cfg, module.batch(cfg, 3, 16, 8, "cpu"))
+        seen = []
+        args[0].backbone.stem[0].register_forward_hook(lambda m, i, o: seen.append(
+            (i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)))
+        before = args[0].backbone.stem[0].weight.detach().clone()
+        module.training_step(naive, bf16=fast, channels_last=fast)(*args)
+        assert set(seen) == {(fast, torch.bfloat16 if fast else torch.float32)}
+        assert not torch.equal(args[0].backbone.stem[0].weight, before)

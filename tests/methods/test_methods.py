@@ -97,6 +97,21 @@ def test_backbones(name, in_ch, side, dim):
         assert net(torch.randn(2, in_ch, side // 2, side // 2)).shape == (2, dim)
 
 
+def test_resnet_imagenet_stem():
+    """The ImageNet stem (7x7 stride-2 convolution, 3x3 stride-2 max-pool) brings the image to a
+    quarter of its side before the first stage; the default stem keeps it."""
+    from fastcl.models import Bottleneck, ResNet
+
+    sides = {}
+    for stem in ("small", "imagenet"):
+        net = ResNet(Bottleneck, (1, 1, 1, 1), width=0.125, stem=stem)
+        sides[stem] = net.stem(torch.randn(2, 3, 32, 32)).shape[-1]
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, net.out_dim) == (2, 256)
+    assert sides == {"small": 32, "imagenet": 8}
+    with pytest.raises(ValueError, match="stem"):
+        ResNet(Bottleneck, (1, 1, 1, 1), stem="cifar")
+
+
 def test_vit_tokens_and_masks():
     """Class and patch tokens; a masked patch is the mask token before the position embedding, so
     its input no longer matters; 4 px patches of 32 px images, other sides interpolated."""
