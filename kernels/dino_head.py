@@ -10,14 +10,13 @@ numbered r = s B + b (the layout of the stats); teacher crop t of the same sampl
   max m (input units) and sum l = sum exp2((z - m) ss log2 e): stats [m, log l] of each split,
   merged over the splits in torch (O(splits x rows)). Run once for the student, once for the
   teacher (center subtracted).
-* ``_head_loss_kernel``: row-stationary on BLOCK_M student rows, over one split of K: each tile
+* ``_head_rows_kernel``: row-stationary on BLOCK_M student rows, over one split of K: each tile
   recomputes x (one dot) and the paired teachers' softmax sum P = sum_{t paired} p_t (T dots of
-  the gathered teacher rows t B + b with the tile of W_t, p from the teacher stats), and adds
-  sum_k P (x - m_s) ss to the row. The row's cross-entropies sum to n_s lse_s minus that (the
-  launcher weighs the rows by w in torch).
-* ``_head_dstudent_kernel``: the same tiles, g = n_s q - P (q from the student stats), and
-  acc += g W_s tile: d student = grad ss w_b acc, the splits' (SPLIT, S B, H) partials summed in
-  torch (deterministic, no atomics).
+  the gathered teacher rows t B + b with the tile of W_t, p from the teacher stats). Forward
+  adds sum_k P (x - m_s) ss to the row: the row's cross-entropies sum to n_s lse_s minus that
+  (the launcher weighs the rows by w in torch). With GRAD it forms g = n_s q - P (q from the
+  student stats) and adds g W_s tile: d student = grad ss w_b acc, the splits' (SPLIT, S B, H)
+  partials summed in torch (deterministic, no atomics).
 * ``_head_dweight_kernel``: K-stationary; a program owns BLOCK_N prototypes (their W_s, W_t and
   center tiles stay loaded) and streams every student row block, recomputing the same g and
   adding g^T student to its rows of d W_s, written once.
@@ -37,13 +36,13 @@ programs when the rows are few (DINO: S B = 640 rows, 10 row blocks). Nothing he
 GPU at import time.
 
 Work (S, T crops, B samples, K prototypes, H features): forward 2 (S + T) B K H FLOP for the
-stats and 2 (1 + T) S B K H for the loss; backward 2 (2 + T) S B K H per kernel. At DINO's S = 10,
-T = 2, B = 64, K = 65536, H = 256 in bf16: 0.20 TFLOP forward (~0.25 ms at 790 TFLOP/s),
-0.44 TFLOP backward (~0.55 ms); exps (S + T) B K forward for the stats plus (1 + T) S B K for the
-loss, a few 10^8 (~0.1 ms at ~4 T exp/s). Bytes are small: W_s, W_t are 32 MiB each in bf16.
+stats and 2 (1 + T) S B K H for the loss; backward 2 (2 + T) S B K H per kernel (two kernels).
+Exponentials: (S + T) B K for the stats, T S B K for the loss, (1 + T) S B K per backward kernel.
+At DINO's S = 10, T = 2, B = 64, K = 65536, H = 256 in bf16: forward 90 GFLOP (~0.11 ms at
+790 TFLOP/s) and 0.13 G exp (~0.03 ms at ~4 T exp/s); backward 172 GFLOP (~0.22 ms) and 0.25 G
+exp (~0.06 ms). W_s and W_t (32 MiB each in bf16) are re-read by every row block; the grid's
+first axis runs the row blocks of one split of K next to each other, so they share it in L2.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -151,48 +150,6 @@ def _head_stats_kernel(
 
 
 @triton.jit
-def _head_loss_kernel(
-    student_ptr,  # (S, B, H)
-    teacher_ptr,  # (T, B, H)
-    ws_ptr, wt_ptr,  # (K, H) each
-    center_ptr,  # (K,) float32 contiguous
-    sscale_ptr, tscale_ptr,  # () float32
-    sstats_ptr,  # (2, S B) float32: [max, lse] of the student rows
-    tstats_ptr,  # (2, T B) float32: the teacher's
-    part_ptr,  # (SPLIT, S B) float32 out: sum_k P (x - m_s) ss over the split
-    R, B, K, H, k_per_split, T,
-    stride_sc, stride_sb, stride_sh, stride_tc, stride_tb, stride_th,
-    stride_wsk, stride_wsh, stride_wtk, stride_wth,
-    DIAGONAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """The paired teachers' expected student log-probability gap, per student row and split."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    ok = rows < R
-    crop, b = rows // B, rows % B
-    dims = tl.arange(0, BLOCK_H)
-    x_rows = _load_crop_rows(student_ptr, crop, b, ok, dims, H, stride_sc, stride_sb, stride_sh)
-    ss = tl.load(sscale_ptr)
-    ts2 = tl.load(tscale_ptr) * 1.4426950408889634
-    m_s = tl.load(sstats_ptr + rows, mask=ok, other=0.0)
-    acc = tl.zeros([BLOCK_M], tl.float32)
-    first = split.to(tl.int64) * k_per_split
-    end = tl.minimum(first + k_per_split, K)
-    for start in range(first, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        ws = _load_weight_rows(ws_ptr, cols, dims, K, H, stride_wsk, stride_wsh)
-        wt = _load_weight_rows(wt_ptr, cols, dims, K, H, stride_wtk, stride_wth)
-        c = tl.load(center_ptr + cols, mask=cols < end, other=float("inf"))  # p = 0 past end
-        x = tl.dot(x_rows, tl.trans(ws), input_precision=PRECISION)
-        p_sum = _paired_targets(x, teacher_ptr, wt, c, tstats_ptr, ts2, crop, b, ok, dims, T, B, H,
-                                stride_tc, stride_tb, stride_th, DIAGONAL, PRECISION)
-        d = (x - m_s[:, None]) * ss
-        acc += tl.sum(p_sum * d, 1)  # P = 0 past end, where d is finite
-    tl.store(part_ptr + split.to(tl.int64) * R + rows, acc, mask=ok)
-
-
-@triton.jit
 def _logit_grad(x, p_sum, m_s, lse2, ss2, n_s):
     """n_s q - P of a tile: q = softmax(x ss) rebuilt from the student stats (log2 units)."""
     q = tl.exp2((x - m_s[:, None]) * ss2 - lse2[:, None])
@@ -214,22 +171,26 @@ def _student_row_coefs(sstats_ptr, row_weight_ptr, rows, crop, b, ok, R, T,
 
 
 @triton.jit
-def _head_dstudent_kernel(
+def _head_rows_kernel(
     student_ptr,  # (S, B, H)
     teacher_ptr,  # (T, B, H)
     ws_ptr, wt_ptr,  # (K, H) each
     center_ptr,  # (K,) float32 contiguous
-    sscale_ptr, tscale_ptr, grad_ptr,  # () float32
+    sscale_ptr, tscale_ptr, grad_ptr,  # () float32 (grad read when GRAD)
     row_weight_ptr,  # (B,) float32
-    sstats_ptr, tstats_ptr,  # (2, S B), (2, T B) float32
-    part_ptr,  # (SPLIT, S B, H) float32 out: d student over the split
+    sstats_ptr,  # (2, S B) float32: [max, lse] of the student rows
+    tstats_ptr,  # (2, T B) float32: the teacher's
+    part_ptr,  # float32 out over the split: (SPLIT, S B, H) d student when GRAD, else
+    #            (SPLIT, S B) sum_k P (x - m_s) ss
     R, B, K, H, k_per_split, T,
     stride_sc, stride_sb, stride_sh, stride_tc, stride_tb, stride_th,
     stride_wsk, stride_wsh, stride_wtk, stride_wth,
-    DIAGONAL: tl.constexpr, RESCALE_W: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    GRAD: tl.constexpr, DIAGONAL: tl.constexpr, RESCALE_W: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
-    """d student rows = grad ss w_b sum_k (n_s q - P)_k W_s,k over one split of K."""
+    """BLOCK_M student rows over one split of K: the loss part sum_k P (x - m_s) ss or, when
+    GRAD, d student = grad ss w_b sum_k (n_s q - P)_k W_s,k."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     ok = rows < R
@@ -238,26 +199,33 @@ def _head_dstudent_kernel(
     x_rows = _load_crop_rows(student_ptr, crop, b, ok, dims, H, stride_sc, stride_sb, stride_sh)
     ss = tl.load(sscale_ptr)
     ts2 = tl.load(tscale_ptr) * 1.4426950408889634
-    ss2 = ss * 1.4426950408889634
     m_s, lse2, n_s, w_b = _student_row_coefs(sstats_ptr, row_weight_ptr, rows, crop, b, ok, R, T,
                                              DIAGONAL)
-    acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    if GRAD:
+        acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M], tl.float32)
     first = split.to(tl.int64) * k_per_split
     end = tl.minimum(first + k_per_split, K)
     for start in range(first, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         ws = _load_weight_rows(ws_ptr, cols, dims, K, H, stride_wsk, stride_wsh)
         wt = _load_weight_rows(wt_ptr, cols, dims, K, H, stride_wtk, stride_wth)
-        c = tl.load(center_ptr + cols, mask=cols < end, other=float("inf"))  # p = 0 past end
+        c = tl.load(center_ptr + cols, mask=cols < end, other=float("inf"))  # P = 0 past end
         x = tl.dot(x_rows, tl.trans(ws), input_precision=PRECISION)
         p_sum = _paired_targets(x, teacher_ptr, wt, c, tstats_ptr, ts2, crop, b, ok, dims, T, B, H,
                                 stride_tc, stride_tb, stride_th, DIAGONAL, PRECISION)
-        g = _logit_grad(x, p_sum, m_s, lse2, ss2, n_s)
-        g = tl.where((cols < end)[None, :], g, 0.0)
-        acc += _w_dot(g, ws, RESCALE_W, PRECISION)
-    coef = tl.load(grad_ptr) * ss * w_b
-    out = (split.to(tl.int64) * R + rows)[:, None] * H + dims[None, :]
-    tl.store(part_ptr + out, acc * coef[:, None], mask=ok[:, None] & (dims[None, :] < H))
+        if GRAD:
+            g = _logit_grad(x, p_sum, m_s, lse2, ss * 1.4426950408889634, n_s)
+            acc += _w_dot(tl.where((cols < end)[None, :], g, 0.0), ws, RESCALE_W, PRECISION)
+        else:
+            acc += tl.sum(p_sum * ((x - m_s[:, None]) * ss), 1)  # d is finite where P = 0
+    if GRAD:
+        out = (split.to(tl.int64) * R + rows)[:, None] * H + dims[None, :]
+        coef = tl.load(grad_ptr) * ss * w_b
+        tl.store(part_ptr + out, acc * coef[:, None], mask=ok[:, None] & (dims[None, :] < H))
+    else:
+        tl.store(part_ptr + split.to(tl.int64) * R + rows, acc, mask=ok)
 
 
 @triton.jit
@@ -387,10 +355,12 @@ def dino_head_fwd(student, teacher, student_weight, teacher_weight, center, stud
     tiles = _Tiles(student, "fwd", block_m, block_n)
     n_split, per_split = _splits(r, k, tiles, split)
     part = torch.empty(n_split, r, dtype=torch.float32, device=student.device)
-    tiles(_head_loss_kernel, (triton.cdiv(r, tiles.block_m), n_split),
-          student, teacher, student_weight, teacher_weight, center, ss, ts,
-          student_stats.contiguous(), teacher_stats.contiguous(), part, r, b, k, h, per_split, t,
-          *_strides(student, teacher, student_weight, teacher_weight), DIAGONAL=diagonal)
+    tiles(_head_rows_kernel, (triton.cdiv(r, tiles.block_m), n_split),
+          student, teacher, student_weight, teacher_weight, center, ss, ts, ss,
+          row_weight.float().contiguous(), student_stats.contiguous(),
+          teacher_stats.contiguous(), part, r, b, k, h, per_split, t,
+          *_strides(student, teacher, student_weight, teacher_weight), GRAD=False,
+          DIAGONAL=diagonal, RESCALE_W=False)
     # Row (s, b): sum over its n_s paired teachers of -sum_k p_t log q_s = n_s lse_s - part.
     n_s = torch.full((s, 1), float(t), device=student.device)
     if not diagonal:
@@ -414,8 +384,8 @@ def dino_head_bwd(student, teacher, student_weight, teacher_weight, center, stud
     tiles = _Tiles(student, "bwd", block_m, block_n)
     n_split, per_split = _splits(r, k, tiles, split)
     part = torch.empty(n_split, r, h, dtype=torch.float32, device=student.device)
-    tiles(_head_dstudent_kernel, (triton.cdiv(r, tiles.block_m), n_split),
-          *common, part, r, b, k, h, per_split, t, *strides, **flags)
+    tiles(_head_rows_kernel, (triton.cdiv(r, tiles.block_m), n_split),
+          *common, part, r, b, k, h, per_split, t, *strides, GRAD=True, **flags)
     dweight = torch.empty(k, h, dtype=student_weight.dtype, device=student.device)
     tiles(_head_dweight_kernel, (triton.cdiv(k, tiles.block_n),),
           *common, dweight, r, b, k, h, t, *strides, **flags)

@@ -159,10 +159,25 @@ def test_non_contiguous_inputs(backend):
     check(backend, torch.float32, [student, teacher, student_weight, teacher_weight, center])
 
 
-def test_wide_features_run_the_tiled_path(backend):
-    """H over the Triton kernels' MAX_DIM: the CUDA (and triton-interpret) op takes the tiled
-    PyTorch path instead."""
-    check(backend, torch.float32, head_inputs(3, 2, 2, 600, 40, logit_scale=2.0))
+def test_wide_features_run_the_tiled_path(monkeypatch):
+    """H over the Triton kernels' MAX_DIM: the Triton backend (CUDA, or the interpreter on CPU)
+    runs the tiled PyTorch path instead of the kernels; H within it reaches the launchers."""
+    pytest.importorskip("triton")
+    from fastcl.kernels import dino_head as kernels
+    from fastcl.ops import cpu_backend
+
+    launched = []
+    for name in ("dino_head_fwd", "dino_head_bwd"):
+        def spy(*args, _launcher=getattr(kernels, name), _name=name):
+            launched.append(_name)
+            return _launcher(*args)
+        monkeypatch.setattr(kernels, name, spy)
+    wide = kernels.MAX_DIM + 88
+    with cpu_backend("triton"):
+        check("cpu", torch.float32, head_inputs(3, 2, 2, wide, 40, logit_scale=2.0))
+        assert launched == []
+        check("cpu", torch.float32, head_inputs(3, 2, 2, kernels.MAX_DIM, 40, logit_scale=2.0))
+        assert launched == ["dino_head_fwd", "dino_head_bwd"]
 
 
 # --- Triton kernels: tiles, splits and pairings against the float64 op reference ------------
