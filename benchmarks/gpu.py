@@ -67,12 +67,15 @@ SIZES = {
                  (65536, 256)), check_rows=256, queue=(256, 65536, 128), clip=(32768, 256),
                  supcon=(16384, 128), siglip_check=(4096, 256), siglip=(16384, 256),
                  dino=(12, 2, 32, 65536), dino_bench=(12, 2, 64, 65536),
+                 dino_head=(10, 2, 16, 256, 16384), dino_head_bench=(10, 2, 64, 256, 65536),
                  sinkhorn=(4096, 3000), bank=(256, 4096, 128, 100_000), copy_mib=1024,
                  matmul=8192, train=["--epochs", "3", "--batch-size", "256"]),
     "smoke": dict(ntx_rows=96, ntx_dims=(16, 40), ntx_bench=((64, 16),), check_rows=8,
                   queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), siglip_check=(40, 16),
                   siglip=(48, 16), dino=(3, 2, 4, 80),
-                  dino_bench=(3, 2, 4, 80), sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
+                  dino_bench=(3, 2, 4, 80), dino_head=(3, 2, 5, 24, 70),
+                  dino_head_bench=(3, 2, 4, 24, 80), sinkhorn=(24, 40), bank=(8, 12, 16, 64),
+                  copy_mib=1,
                   matmul=64, train=["--epochs", "1", "--batch-size", "8", "--width", "0.125",
                                     "--proj-hidden", "32"]),
 }
@@ -354,6 +357,26 @@ def check_others(run: Run) -> None:
                                     [3 * torch.randn(crops, b, k), 3 * torch.randn(t_crops, b, k)],
                                     [torch.tensor(1.0, device=dev)]))
 
+    crops, t_crops, b, h, k = s["dino_head"]
+    center = (0.1 * torch.randn(k)).to(dev)
+    for dtype in run.dot_dtypes:
+        def fused(student, teacher, w_student, w_teacher):
+            return (fastcl.dino_head_loss(student, teacher, w_student, w_teacher, center, 0.1,
+                                          0.04),)
+
+        def reference(student, teacher, w_student, w_teacher):
+            return (formulas.dino_loss(student @ w_student.T, (teacher @ w_teacher.T).detach(),
+                                       center.double(), 0.1, 0.04),)
+
+        case = f"dino_head S={crops} B={b} H={h} K={k}"
+        run.guarded(case, "check", dtype,
+                    lambda: compare(run, case, dtype, fused, reference,
+                                    [F.normalize(torch.randn(n, b, h), dim=-1)
+                                     for n in (crops, t_crops)]
+                                    + [5 * F.normalize(torch.randn(k, h), dim=-1)
+                                       for _ in range(2)],
+                                    [torch.tensor(1.0, device=dev)]))
+
     n, d = s["siglip_check"]
     for dtype in run.dot_dtypes:
         def fused(image, text, scale, bias):
@@ -596,6 +619,27 @@ def benchmarks(run: Run) -> None:
             compiled(lambda a: formulas.dino_loss(a, teacher, center, 0.1, 0.04), run), [student])
     bench(run, f"dino S={crops} B={b} K={k}", "bf16", impls,
           nbytes=(2 * crops + t_crops) * b * k * 2, deferred=later)
+
+    crops, t_crops, b, h, k = s["dino_head_bench"]
+    # Names of their own: the deferred torch.compile cases above read theirs when they run.
+    feats, w_feats = (torch.randn(*shape, device=dev, dtype=half, requires_grad=True)
+                      for shape in ((crops, b, h), (k, h)))
+    t_feats = torch.randn(t_crops, b, h, device=dev, dtype=half)
+    w_t_feats = torch.randn(k, h, device=dev, dtype=half)
+    head_center = torch.zeros(k, device=dev)
+
+    def head_formula(a, w):
+        return formulas.dino_loss(a @ w.T, t_feats @ w_t_feats.T, head_center, 0.1, 0.04)
+
+    impls = {"fastcl": lambda: fwd_bwd(lambda a, w: fastcl.dino_head_loss(
+                 a, t_feats, w, w_t_feats, head_center, 0.1, 0.04), [feats, w_feats]),
+             "naive (DINOHead + DINO)": lambda: fwd_bwd(head_formula, [feats, w_feats])}
+    if use_compile:
+        impls["torch.compile(naive)"] = lambda: fwd_bwd(compiled(head_formula, run),
+                                                        [feats, w_feats])
+    # The head's products: forward (S + T) B K H multiply-adds, backward 2 S B K H.
+    bench(run, f"dino_head S={crops} B={b} H={h} K={k}", run.half, impls,
+          flops=2 * (3 * crops + t_crops) * b * k * h, deferred=later)
 
     rows, cols = s["sinkhorn"]
     scores = F.normalize(torch.randn(rows, cols, device=dev), dim=1)

@@ -51,8 +51,6 @@ from fastcl.kernels.contrastive import _w_dot
 from fastcl.kernels.tiling import TARGET_PROGRAMS, whole_block_splits
 
 MAX_DIM = 512
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # What the launchers choose from, read by them and by fastcl.kernels.aot
 # (tests/kernels/test_gpu_compile.py compiles every entry for sm_80 and sm_90): the inputs'
 # dtypes and the padded feature widths BLOCK_H (H is padded to the first bucket >= H).
