@@ -109,6 +109,16 @@ def _paired_targets(x, teacher_ptr, wt, c, tstats_ptr, ts2, crop, b, ok, dims, T
 
 
 @triton.jit
+def _rows_and_split(R, K, k_per_split, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M rows, which of them are < R, its split (64-bit) and the split's
+    range [first, end) of K."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1).to(tl.int64)
+    first = split * k_per_split
+    return rows, rows < R, split, first, tl.minimum(first + k_per_split, K)
+
+
+@triton.jit
 def _head_stats_kernel(
     x_ptr,  # (C, B, H): one side's features
     w_ptr,  # (K, H): its prototypes
@@ -121,16 +131,12 @@ def _head_stats_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Online [max, lse] of the logits of BLOCK_M rows over K range [split k_per_split, +)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    ok = rows < R
+    rows, ok, split, first, end = _rows_and_split(R, K, k_per_split, BLOCK_M)
     dims = tl.arange(0, BLOCK_H)
     x = _load_crop_rows(x_ptr, rows // B, rows % B, ok, dims, H, stride_xc, stride_xb, stride_xh)
     scale2 = tl.load(scale_ptr) * 1.4426950408889634
     peak = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
-    first = split.to(tl.int64) * k_per_split
-    end = tl.minimum(first + k_per_split, K)
     for start in range(first, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         w = _load_weight_rows(w_ptr, cols, dims, K, H, stride_wk, stride_wh)
@@ -142,7 +148,7 @@ def _head_stats_kernel(
         total = (total * tl.exp2((peak - new_peak) * scale2)
                  + tl.sum(tl.exp2((z - new_peak[:, None]) * scale2), 1))
         peak = new_peak
-    out = part_ptr + split.to(tl.int64) * 2 * R + rows
+    out = part_ptr + split * 2 * R + rows
     tl.store(out, peak, mask=ok)
     tl.store(out + R, tl.log2(total) * 0.6931471805599453, mask=ok)
 
@@ -189,9 +195,7 @@ def _head_rows_kernel(
 ):
     """BLOCK_M student rows over one split of K: the loss part sum_k P (x - m_s) ss or, when
     GRAD, d student = grad ss w_b sum_k (n_s q - P)_k W_s,k."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    ok = rows < R
+    rows, ok, split, first, end = _rows_and_split(R, K, k_per_split, BLOCK_M)
     crop, b = rows // B, rows % B
     dims = tl.arange(0, BLOCK_H)
     x_rows = _load_crop_rows(student_ptr, crop, b, ok, dims, H, stride_sc, stride_sb, stride_sh)
@@ -203,8 +207,6 @@ def _head_rows_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M], tl.float32)
-    first = split.to(tl.int64) * k_per_split
-    end = tl.minimum(first + k_per_split, K)
     for start in range(first, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         ws = _load_weight_rows(ws_ptr, cols, dims, K, H, stride_wsk, stride_wsh)
@@ -219,11 +221,11 @@ def _head_rows_kernel(
         else:
             acc += tl.sum(p_sum * ((x - m_s[:, None]) * ss), 1)  # d is finite where P = 0
     if GRAD:
-        out = (split.to(tl.int64) * R + rows)[:, None] * H + dims[None, :]
+        out = (split * R + rows)[:, None] * H + dims[None, :]
         coef = tl.load(grad_ptr) * ss * w_b
         tl.store(part_ptr + out, acc * coef[:, None], mask=ok[:, None] & (dims[None, :] < H))
     else:
-        tl.store(part_ptr + split.to(tl.int64) * R + rows, acc, mask=ok)
+        tl.store(part_ptr + split * R + rows, acc, mask=ok)
 
 
 @triton.jit
