@@ -92,7 +92,7 @@ SIZES = {
     "smoke": dict(ntx_rows=96, ntx_dims=(16, 40), ntx_bench=((64, 16),), check_rows=8,
                   queue=(8, 96, 16), clip=(48, 16), supcon=(48, 16), siglip_check=(40, 16),
                   siglip=(48, 16), dino=(3, 2, 4, 80),
-                  dino_bench=(3, 2, 4, 80), dino_head=(3, 2, 4, 16, 80), ibot_tokens=20,
+                  dino_bench=(3, 2, 4, 80), dino_head=(3, 2, 5, 24, 70), ibot_tokens=20,
                   sinkhorn=(24, 40), bank=(8, 12, 16, 64), copy_mib=1,
                   matmul=64, train=["--epochs", "1", "--batch-size", "8", "--width", "0.125",
                                     "--proj-hidden", "32"],
@@ -382,18 +382,21 @@ def check_others(run: Run) -> None:
     crops, t_crops, b, h, k = s["dino_head"]
     head_center = (0.1 * torch.randn(k)).to(dev)
     for dtype in run.dot_dtypes:
-        def fused(student, teacher, weight, teacher_weight):
-            return (fastcl.dino_head_loss(student, teacher.detach(), weight,
-                                          teacher_weight.detach(), head_center),)
+        def fused(student, teacher, w_student, w_teacher):
+            return (fastcl.dino_head_loss(student, teacher, w_student, w_teacher, head_center, 0.1,
+                                          0.04),)
 
-        def reference(student, teacher, weight, teacher_weight):
-            return (formulas.dino_loss(student @ weight.T, (teacher @ teacher_weight.T).detach(),
+        def reference(student, teacher, w_student, w_teacher):
+            return (formulas.dino_loss(student @ w_student.T, (teacher @ w_teacher.T).detach(),
                                        head_center.double(), 0.1, 0.04),)
 
-        run.guarded(f"dino_head S={crops} B={b} H={h} K={k}", "check", dtype,
-                    lambda: compare(run, f"dino_head S={crops} B={b} H={h} K={k}", dtype, fused,
-                                    reference, [torch.randn(crops, b, h), torch.randn(t_crops, b, h),
-                                                0.2 * torch.randn(k, h), 0.2 * torch.randn(k, h)],
+        case = f"dino_head S={crops} B={b} H={h} K={k}"
+        run.guarded(case, "check", dtype,
+                    lambda: compare(run, case, dtype, fused, reference,
+                                    [F.normalize(torch.randn(n, b, h), dim=-1)
+                                     for n in (crops, t_crops)]
+                                    + [5 * F.normalize(torch.randn(k, h), dim=-1)
+                                       for _ in range(2)],
                                     [torch.tensor(1.0, device=dev)]))
 
     n, d = s["siglip_check"]

@@ -46,7 +46,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-FAMILIES = ("contrastive", "bank", "dino", "koleo", "momentum", "siglip", "sinkhorn")
+FAMILIES = ("contrastive", "bank", "dino", "dino_head", "koleo", "momentum", "siglip",
+            "sinkhorn")
 # Shared memory one block may use (opt-in maximum): A100 163 KiB, H100 / H200 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -256,6 +257,18 @@ def _sweep_dino(k):
                                      torch.tensor(1.0))
 
 
+def _sweep_dino_head(k):
+    scale, s, t, b = torch.tensor(10.0), 4, 2, 16
+    for dtype in _operand_kinds(k.CONFIGS["dtypes"]):
+        for h in k.CONFIGS["dims"]:
+            student, teacher = torch.randn(s, b, h).to(dtype), torch.randn(t, b, h).to(dtype)
+            weights = torch.randn(2, 256, h).to(dtype)
+            args = (student, teacher, *weights, torch.zeros(256), scale, scale, torch.ones(b))
+            for diagonal in (False, True):
+                _, ss, ts = k.dino_head_fwd(*args, diagonal)
+                k.dino_head_bwd(*args, diagonal, ss, ts, torch.tensor(1.0))
+
+
 def _sweep_koleo(k):
     neighbour = (torch.arange(48) + 1) % 48  # the recorded forward computes none
     for dtype in k.CONFIGS["dtypes"]:
@@ -293,6 +306,7 @@ def _sweep_sinkhorn(k):
 
 
 SWEEPS = dict(contrastive=_sweep_contrastive, bank=_sweep_bank, dino=_sweep_dino,
+              dino_head=_sweep_dino_head,
               koleo=_sweep_koleo, momentum=_sweep_momentum, siglip=_sweep_siglip,
               sinkhorn=_sweep_sinkhorn)
 

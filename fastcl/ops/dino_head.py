@@ -33,8 +33,13 @@ stats in fp32, gradients in the inputs' dtypes) or float64 (the reference).
 Backends, by device through PyTorch's dispatcher (``register_backends``): the op bodies run the
 references below (materialized logits; the truth in tests, and every device's float64), the CPU
 kernels of csrc/dino.cpp (``dino_head_fwd`` / ``dino_head_bwd``: tiles of K whose logits come from
-one at::mm each, reduced by the DINO family's online kernels), and on CUDA the same tiles
-with cuBLAS products reduced by PyTorch ops (``dino_head_tiled``; no Triton kernels yet).
+one at::mm each, reduced by the DINO family's online kernels), and on CUDA the Triton kernels of
+kernels/dino_head.py (same launcher names: a stats pass per side, then a loss pass, and in
+backward a row-stationary d student kernel and a prototype-stationary d W_s kernel, each tile of
+logits recomputed from the features by tl.dot and never stored) for feature rows up to their
+MAX_DIM = 512; wider rows run the tiles of K with cuBLAS products reduced by PyTorch ops
+(``dino_head_tiled``). fastcl::head_sinkhorn_center runs its tiled PyTorch passes on every
+device (cuBLAS products on CUDA; no Triton kernel).
 """
 from __future__ import annotations
 
@@ -103,8 +108,8 @@ def dino_head_backward_ref(
 
 
 # ----------------------------------------------------------------------------------------------
-# The CUDA path: tiles of K, each tile's logits from one product (cuBLAS), reduced by PyTorch ops
-# while they are the only logits in memory.
+# The CUDA path for rows wider than the Triton kernels take: tiles of K, each tile's logits from
+# one product (cuBLAS), reduced by PyTorch ops while they are the only logits in memory.
 # ----------------------------------------------------------------------------------------------
 # Logits per tile (16 MiB of fp32): (S + T) B rows times a slice of K.
 _TILE = 1 << 22
@@ -197,8 +202,18 @@ def head_cross_entropy(
                          teacher_scale, row_weight, diagonal)
 
 
-register_backends(head_cross_entropy, None, dino_head_ref, dino_head_tiled,
-                  cpp_launch="dino_head_fwd")
+def _triton_or_tiled(launcher: str, tiled):
+    """The Triton launcher `launcher` of kernels/dino_head.py where the kernels take the inputs
+    (feature rows up to their MAX_DIM), else the tiled PyTorch path."""
+    def launch(kernels, *args):
+        if kernels.fits(*args):
+            return getattr(kernels, launcher)(*args)
+        return tiled(kernels, *args)
+    return launch
+
+
+register_backends(head_cross_entropy, "dino_head", dino_head_ref,
+                  _triton_or_tiled("dino_head_fwd", dino_head_tiled), cpp_launch="dino_head_fwd")
 
 
 @head_cross_entropy.register_fake
@@ -219,8 +234,9 @@ def head_cross_entropy_backward(
                                   student_stats, teacher_stats, grad)
 
 
-register_backends(head_cross_entropy_backward, None, dino_head_backward_ref,
-                  dino_head_backward_tiled, cpp_launch="dino_head_bwd")
+register_backends(head_cross_entropy_backward, "dino_head", dino_head_backward_ref,
+                  _triton_or_tiled("dino_head_bwd", dino_head_backward_tiled),
+                  cpp_launch="dino_head_bwd")
 
 
 @head_cross_entropy_backward.register_fake

@@ -56,6 +56,17 @@ def loss_and_grads(fn, inputs, upstream, device, **kwargs):
     return loss, grads
 
 
+def _interpreted(backend) -> bool:
+    from fastcl._backend import cpu_backend_name
+
+    return backend == "cpu" and cpu_backend_name() == "triton"
+
+
+def skip_interpreter_bf16(backend, dtype):
+    if dtype == torch.bfloat16 and _interpreted(backend):
+        pytest.skip("the Triton interpreter has no bfloat16 dot (bf16 runs on a GPU)")
+
+
 def check(device, dtype, inputs, loss_tol=None, grad_tol=None, **kwargs):
     upstream = torch.randn(()).item()
     rounded = [x.to(dtype) for x in inputs[:4]] + [inputs[4].float()]
@@ -76,12 +87,15 @@ def check(device, dtype, inputs, loss_tol=None, grad_tol=None, **kwargs):
 def test_loss_and_gradients(backend, s, t, b, h, k):
     """K = 4500: several of the C++ kernels' chunks of 1024 columns; (S + T) B = 6300 rows: three
     of its tiles (4M logits, whole chunks: 1024 columns here), the last a partial one."""
+    if b * k > 10**6 and _interpreted(backend):
+        pytest.skip("the interpreter is slow: the large shape runs on the C++ and reference")
     check(backend, torch.float32, head_inputs(s, t, b, h, k, logit_scale=5.0),
           temps=(0.1, 0.04))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(backend, dtype):
+    skip_interpreter_bf16(backend, dtype)
     check(backend, dtype, head_inputs(5, 2, 3, 24, 130, logit_scale=3.0), temps=(0.1, 0.07))
 
 
@@ -145,6 +159,67 @@ def test_non_contiguous_inputs(backend):
     check(backend, torch.float32, [student, teacher, student_weight, teacher_weight, center])
 
 
+def test_wide_features_run_the_tiled_path(monkeypatch):
+    """H over the Triton kernels' MAX_DIM: the Triton backend (CUDA, or the interpreter on CPU)
+    runs the tiled PyTorch path instead of the kernels; H within it reaches the launchers."""
+    pytest.importorskip("triton")
+    from fastcl.kernels import dino_head as kernels
+    from fastcl.ops import cpu_backend
+
+    launched = []
+    for name in ("dino_head_fwd", "dino_head_bwd"):
+        def spy(*args, _launcher=getattr(kernels, name), _name=name):
+            launched.append(_name)
+            return _launcher(*args)
+        monkeypatch.setattr(kernels, name, spy)
+    wide = kernels.MAX_DIM + 88
+    with cpu_backend("triton"):
+        check("cpu", torch.float32, head_inputs(3, 2, 2, wide, 40, logit_scale=2.0))
+        assert launched == []
+        check("cpu", torch.float32, head_inputs(3, 2, 2, kernels.MAX_DIM, 40, logit_scale=2.0))
+        assert launched == ["dino_head_fwd", "dino_head_bwd"]
+
+
+# --- Triton kernels: tiles, splits and pairings against the float64 op reference ------------
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("teacher", [(4.0, 25.0), (1e-3, 1.0), (40.0, 25.0)],
+                         ids=["peaked", "near-uniform", "near-one-hot"])
+@pytest.mark.parametrize("block,split", [(None, None), (16, 3)], ids=["default", "tiles16-split3"])
+def test_triton_kernels(diagonal, dtype, teacher, block, split):
+    """The launchers of kernels/dino_head.py on S = 3, T = 2, B = 5, H = 24, K = 70 (no dimension
+    a multiple of a tile): loss, both stats and both gradients under a random upstream gradient
+    and row weights, every K tile and split merged (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    from fastcl.kernels import dino_head as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16 dot (bf16 runs on a GPU)")
+    logit_scale, teacher_scale = teacher
+    *features, center = head_inputs(3, 2, 5, 24, 70, logit_scale=logit_scale)
+    features = [x.to(dtype) for x in features]
+    scales = [torch.tensor(10.0), torch.tensor(teacher_scale)]
+    row_weight, grad = torch.rand(5), torch.randn(())
+    args = [*features, center.float(), *scales, row_weight]
+    tiles = dict(block_m=block, block_n=block, split=split)
+    loss, student_stats, teacher_stats = kernels.dino_head_fwd(
+        *(x.to(device) for x in args), diagonal, **tiles)
+    args64 = [x.double() for x in args]
+    truth = ops.dino_head_ref(*args64, diagonal)
+    assert loss.dtype == student_stats.dtype == teacher_stats.dtype == torch.float32
+    assert max_error(loss, truth[0]) <= LOSS_TOL[dtype], "loss"
+    assert max_error(student_stats, truth[1]) <= LOSS_TOL[dtype], "student stats"
+    assert max_error(teacher_stats, truth[2]) <= LOSS_TOL[dtype], "teacher stats"
+    dstudent, dweight = kernels.dino_head_bwd(*(x.to(device) for x in args), diagonal,
+                                              student_stats, teacher_stats, grad.to(device),
+                                              **tiles)
+    truth = ops.dino_head_backward_ref(*args64, diagonal, *truth[1:], grad.double())
+    assert dstudent.dtype == dweight.dtype == dtype
+    assert max_error(dstudent, truth[0]) <= GRAD_TOL[dtype], "d student"
+    assert max_error(dweight, truth[1]) <= GRAD_TOL[dtype], "d student_weight"
+
+
 # --- Sinkhorn centering -------------------------------------------------------------------------
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_sinkhorn_centering(backend, iterations):
@@ -183,6 +258,7 @@ def ibot_formula(student, teacher, student_weight, teacher_weight, center, masks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ibot_patch_loss(backend, centering, dtype):
     """Masks of 4 images, one with no masked token (it counts in n_images as in DINOv2)."""
+    skip_interpreter_bf16(backend, dtype)
     masks = torch.zeros(4, 12, dtype=torch.bool)
     masks[0, :5] = masks[1, 3:4] = masks[3, 2:11] = True
     masks_weight = (1 / masks.sum(-1).clamp(min=1.0))[:, None].expand_as(masks)[masks].double()
