@@ -27,8 +27,9 @@ The teacher temperature warms up linearly from ``warmup_teacher_temp`` to ``teac
 teacher follows the student with a cosine momentum from ``teacher_momentum`` to 1 per step; the
 heads' last layers get no gradient during the first ``freeze_last_layer`` epochs and gradients are
 clipped per parameter to ``clip_grad``, as in DINO. The heads are DINO's (fastcl.methods.dino):
-MLP d -> h -> h -> bottleneck (GELU), n(), weight-normalized prototypes whose norm is learnt
-(DINOv2's weight_g, ``norm_last_layer`` 0).
+MLP d -> h -> h -> bottleneck (GELU; BatchNorm after the hidden layers with ``bn_in_head``, the
+class tokens and the masked patches each a batch of their own), n(), weight-normalized prototypes
+whose norm is learnt (DINOv2's weight_g, ``norm_last_layer`` 0).
 
 Where this departs from DINOv2's code: its DINO term divides the pairs' sum by
 (n_global - 1) n_global + max(n_local n_global, 1), so with no local crops it is 2/3 of the pair
@@ -36,13 +37,15 @@ mean used here; no drop-path, layer scale or layer-wise learning-rate decay; the
 weight decay (DINOv2: 0.04 -> 0.2 cosine); Sinkhorn-Knopp centering only (DINOv2's configs also
 offer the running-mean center). The heads' last layers are fused with the losses
 (fastcl.dino_head_loss, fastcl.ibot_patch_loss): the (crops, B, K) and (masked patches, K) logits
-are never formed.
+are never formed. The ViT's patches are at least 2 px (fastcl.models.ViT: a 4x4 grid on the 8 px
+digits; 1 px patches did not learn them).
 
 Official (ssl_default_config.yaml): K = 65536, head 2048 hidden, 256 bottleneck, tau_s 0.1,
 tau_t 0.04 -> 0.07 over 30 epochs, teacher momentum 0.992, AdamW lr 4e-3 x sqrt(B / 1024), wd
 0.04 -> 0.2, clip 3.0, 8 local crops, mask ratio 0.1-0.5 on half the images. The defaults here are
-scaled to the digits as DINO's are (docs/methods.md, "DINO's defaults"): 128 prototypes, tau_s
-0.2, a faster teacher (0.9), a 4-epoch temperature warm-up.
+scaled to the digits as DINO's are (docs/methods.md, "DINO's defaults" and "DINOv2 on the
+digits"): 128 prototypes, tau_s 0.2, a faster teacher (0.9), a 4-epoch temperature warm-up, BN in
+the heads (``bn_in_head`` 1; DINOv2 has none), 80 epochs.
 """
 from __future__ import annotations
 
@@ -130,7 +133,8 @@ class DINOv2(Method):
         "out_dim": (128, "prototypes K of the heads' last layers (65536 on ImageNet)"),
         "head_hidden": (512, "head MLP hidden width (2048 on ImageNet)"),
         "bottleneck": (128, "head bottleneck before the last layer (256 on ImageNet)"),
-        "bn_in_head": (0, "1: BatchNorm after the heads' hidden layers (not in DINOv2)"),
+        "bn_in_head": (1, "1: BatchNorm after the heads' hidden layers (DINOv2 has none: 0; "
+                          "the digits learn faster with it, as DINO's do)"),
         "norm_last_layer": (0, "1: the prototypes' norm stays 1; 0: learnt (DINOv2's weight_g)"),
         "ibot_separate_head": (0, "1: iBOT gets its own head (DINOv2's default 0: the DINO head)"),
         "dino_loss_weight": (1.0, "weight of the DINO class-token loss"),
@@ -152,7 +156,9 @@ class DINOv2(Method):
         "local_scale": (0.32, "largest area fraction of the local crops (smallest: 0.05, raised "
                               "like the global crops' floor)"),
     }
-    DEFAULTS = {**Method.DEFAULTS, "backbone": "vit_small", "weight_decay": 0.04, "epochs": 40}
+    # A ViT from scratch needs more epochs than DINO's ResNet (docs/methods.md, "DINOv2 on the
+    # digits").
+    DEFAULTS = {**Method.DEFAULTS, "backbone": "vit_small", "weight_decay": 0.04, "epochs": 80}
 
     def __init__(self, backbone, **kw):
         super().__init__(backbone, **kw)

@@ -112,6 +112,16 @@ def test_resnet_imagenet_stem():
         ResNet(Bottleneck, (1, 1, 1, 1), stem="cifar")
 
 
+def test_vit_default_patches():
+    """An 8x8 grid of patches where the side allows, else 2 px patches (1 px ones hold a colour
+    each: a random-init ViT was then a bag of colours, kNN 0.25 on the 8 px digits)."""
+    from fastcl.models import ViT
+
+    sides = (64, 32, 16, 8, 6, 1)
+    assert [ViT(side, dim=24, depth=1).patch for side in sides] == [8, 4, 2, 2, 2, 1]
+    assert build_backbone("vit_small", image_size=8, width=0.25).grid(8) == 4
+
+
 def test_vit_tokens_and_masks():
     """Class and patch tokens; a masked patch is the mask token before the position embedding, so
     its input no longer matters; 4 px patches of 32 px images, other sides interpolated."""
