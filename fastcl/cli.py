@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 from fastcl import __version__
 from fastcl.data import CACHE_BYTES, CACHE_CHOICES, default_workers
+from fastcl.distributed import GATHERS
 from fastcl.methods import METHODS
 from fastcl.models import BACKBONES
 from fastcl.optim import OPTIMIZERS
@@ -29,7 +30,7 @@ KNN_K_HELP = ("neighbours of the kNN evaluation, at most half the smallest class
               "images; default 200")
 _COMMON = ("data", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
            "backbone", "width", "device", "precision", "out", "resume", "seed", "deterministic",
-           "knn_k", "image_size", "workers", "cache")
+           "knn_k", "image_size", "workers", "cache", "gather")
 
 
 def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
@@ -77,6 +78,12 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels: a resumed run reproduces the uninterrupted one")
     run.add_argument("--knn-k", type=int, default=200, help=KNN_K_HELP)
+    run.add_argument("--gather", choices=GATHERS, default="all",
+                     help="under torchrun, how the loss sees every rank's embeddings: all "
+                          "(all-gathered, each rank holds them all) or ring (passed around the "
+                          "ranks, each holds its own; "
+                          f"{', '.join(sorted(n for n, m in METHODS.items() if m.ring))}); "
+                          "default all")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
     hp = p.add_argument_group(f"{method_cls.name} hyper-parameters")
     for name, (default, text) in method_cls.HPARAMS.items():

@@ -5,6 +5,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# How a trainer's losses see every rank's embeddings (fastcl train --gather): all-gathered
+# (gather=True) or passed around the ranks (gather="ring", fastcl/ring.py).
+GATHERS = ("all", "ring")
+
 
 def world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) when torch.distributed is not initialized."""

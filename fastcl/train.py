@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from fastcl import evaluate
 from fastcl.data import (CACHE_CHOICES, ImageData, ImageFiles, default_workers, epoch_batches,
                          load_data, steps_per_epoch)
-from fastcl.distributed import world
-from fastcl.methods import get_method
+from fastcl.distributed import GATHERS, world
+from fastcl.methods import METHODS, get_method
 from fastcl.models import BACKBONES, build_backbone
 from fastcl.optim import OPTIMIZERS, build_optimizer, cosine_with_warmup, set_lr
 
@@ -79,6 +79,7 @@ class TrainConfig:
     image_size: Optional[int] = None  # an ImageFolder's side; None: its median shorter side
     workers: Optional[int] = None  # DataLoader processes decoding an ImageFolder; None: per CPU
     cache: str = "auto"  # an ImageFolder held in memory: auto (when small), always or never
+    gather: str = "all"  # under torchrun, how the losses see every rank's embeddings: all or ring
     progress: bool = True
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +120,11 @@ class TrainConfig:
         _require("workers", cfg.workers, _is_int(cfg.workers) and cfg.workers >= 0,
                  "an integer >= 0 (0 decodes in the training process)")
         _require("cache", cfg.cache, cfg.cache in CACHE_CHOICES, f"one of {CACHE_CHOICES}")
+        _require("gather", cfg.gather, cfg.gather in GATHERS, f"one of {GATHERS}")
+        if cfg.gather == "ring" and not method_cls.ring:
+            ring = sorted(name for name in METHODS if get_method(name).ring)
+            raise ValueError(f"gather 'ring' is not available for {cfg.method}: its loss "
+                             f"all-gathers (pass --gather all); methods with a ring: {ring}")
         return cfg
 
 
@@ -160,6 +166,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
                          f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def _gather(cfg: TrainConfig, size: int):
+    """The methods' gather argument for a world of `size` processes: False alone, else True
+    (all-gather) or "ring"."""
+    return size > 1 and ("ring" if cfg.gather == "ring" else True)
 
 
 def build_method(cfg: TrainConfig, data_channels: int, image_size: int, mean, std, *,
@@ -425,7 +437,7 @@ def _build(config: TrainConfig, data: Optional[ImageData]) -> _Run:
 
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, data.channels, data.image_size, mean, std,
-                          flip=data.mirror_invariant, gather=size > 1,
+                          flip=data.mirror_invariant, gather=_gather(cfg, size),
                           num_items=len(data.x_train), min_crop_side=data.min_crop_side).to(device)
     if size > 1:
         _broadcast_state(method)

@@ -51,6 +51,9 @@ class Method(nn.Module):
                                               backbone="resnet18")
     # Per-batch keyword arguments forward needs from the trainer, among "indices" and "labels".
     batch_extras: ClassVar[tuple[str, ...]] = ()
+    # Whether the method's loss takes gather="ring" (fastcl/ring.py: no rank holds every rank's
+    # embeddings); the others all-gather under torch.distributed.
+    ring: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, *, image_size: int, mean: Sequence[float],
                  std: Sequence[float], flip: bool = True, gather: bool = False,
@@ -63,7 +66,8 @@ class Method(nn.Module):
         self.hparams = {k: hparams.get(k, default) for k, (default, _) in self.HPARAMS.items()}
         self.backbone = backbone
         self.image_size = image_size
-        # Under torch.distributed, the losses see every rank's embeddings.
+        # Under torch.distributed, the losses see every rank's embeddings: True all-gathers them,
+        # "ring" (methods with ring = True) passes them around the ranks.
         self.gather = gather
         # Training images: the rows of a memory bank indexed by "indices" (0 when not known).
         self.num_items = num_items

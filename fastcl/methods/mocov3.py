@@ -40,6 +40,7 @@ class MoCoV3(Method):
     """MoCo v3: each view's prediction against the other view's momentum keys."""
 
     name = "mocov3"
+    ring = True
     HPARAMS = {
         "temperature": (0.2, "InfoNCE temperature (official: 1.0 ResNet, 0.2 ViT)"),
         "proj_hidden": (512, "projector and predictor hidden width (4096 on ImageNet)"),

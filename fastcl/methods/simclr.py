@@ -22,6 +22,7 @@ class SimCLR(Method):
     """SimCLR: NT-Xent between the projections of two augmented views."""
 
     name = "simclr"
+    ring = True
     HPARAMS = {
         "temperature": (0.2, "NT-Xent temperature (SimCLR: 0.1 ImageNet, 0.5 CIFAR; 0.2 learns "
                              "fastest in short runs on small data)"),

@@ -27,6 +27,7 @@ class SupCon(Method):
     """SupCon: supervised contrastive loss over two views with the batch's labels."""
 
     name = "supcon"
+    ring = True
     batch_extras = ("labels",)
     HPARAMS = {
         "temperature": (0.1, "temperature tau"),

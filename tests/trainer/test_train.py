@@ -206,26 +206,52 @@ def test_bf16_and_evaluate_checkpoint(tmp_path):
     assert result["epoch"] == 1 and 0 <= result["knn_top1"] <= 1
 
 
-def test_two_process_gloo_run(tmp_path):
-    """torchrun --nproc_per_node=2 -m fastcl train: DDP on CPU (gloo) with gathered losses."""
+def _two_process_run(tmp_path, method, *options):
+    """torchrun --nproc_per_node=2 -m fastcl train METHOD on the tiny data -> the checkpoint."""
     d = tiny_data()
     data_path = tmp_path / "tiny.npz"
     np.savez(data_path, x_train=d.x_train.numpy(), y_train=d.y_train.numpy(),
              x_test=d.x_test.numpy(), y_test=d.y_test.numpy())
-    out = tmp_path / "run"
+    out = tmp_path / f"run{'-'.join(options)}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", "-m", "fastcl", "train", "simclr", "--data", str(data_path),
+           "--standalone", "-m", "fastcl", "train", method, "--data", str(data_path),
            "--epochs", "1", "--batch-size", "8", "--width", "0.125", "--proj-hidden", "32",
-           "--out", str(out), "--no-progress", "--device", "cpu"]
+           "--out", str(out), "--no-progress", "--device", "cpu", "--deterministic", *options]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "metrics.json").read_text())
     assert 0 <= result["knn_top1"] <= 1
-    state = load_checkpoint(out / "last.pt")
+    return load_checkpoint(out / "last.pt")
+
+
+def test_two_process_gloo_run(tmp_path):
+    """torchrun --nproc_per_node=2 -m fastcl train: DDP on CPU (gloo) with gathered losses."""
+    state = _two_process_run(tmp_path, "simclr")
     # 64 images, 8 per process, 2 processes: 4 steps of a global batch of 16.
     assert state["history"][0]["epoch"] == 1
     assert state["optimizer"]["state"]  # the optimizer stepped
+
+
+@pytest.mark.parametrize("method", ["simclr", "supcon"])
+def test_two_process_ring_run_equals_all_gather(tmp_path, method):
+    """--gather ring trains the same weights as the all-gather (each rank's loss and gradients
+    are those of every rank's rows either way), to float rounding."""
+    gathered = _two_process_run(tmp_path, method)
+    ring = _two_process_run(tmp_path, method, "--gather", "ring")
+    assert gathered["config"]["gather"] == "all" and ring["config"]["gather"] == "ring"
+    assert ring["optimizer"]["state"]  # the optimizer stepped
+    for name, value in gathered["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ring["model"][name], value, rtol=1e-4, atol=1e-5,
+                                       msg=name)
+
+
+def test_ring_needs_a_ring_method(tmp_path):
+    with pytest.raises(ValueError, match="gather 'ring' is not available for byol"):
+        train(tiny_config(tmp_path, method="byol", gather="ring"), data=tiny_data())
+    with pytest.raises(ValueError, match="gather must be one of"):
+        train(tiny_config(tmp_path, gather="rings"), data=tiny_data())
 
 
 def test_training_crops_keep_the_data_min_crop_side(tmp_path, monkeypatch):
