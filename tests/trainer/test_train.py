@@ -233,7 +233,7 @@ def test_two_process_gloo_run(tmp_path):
     assert state["optimizer"]["state"]  # the optimizer stepped
 
 
-@pytest.mark.parametrize("method", ["simclr", "supcon"])
+@pytest.mark.parametrize("method", ["simclr", "simclrv2", "mocov3", "supcon"])
 def test_two_process_ring_run_equals_all_gather(tmp_path, method):
     """--gather ring trains the same weights as the all-gather (each rank's loss and gradients
     are those of every rank's rows either way), to float rounding."""
