@@ -129,16 +129,22 @@ def test_ntxent_several_positives_equals_pml(dtype, m, d, classes):
 
 
 def test_ntxent_near_duplicate_positives():
-    """Late training: each class's rows are near-duplicates far from the other classes, so each
-    pair's loss is ~1e-9 and below fp32's resolution of the ratio pytorch-metric-learning
-    rounds; fastcl's fp32 loss and gradient equal pytorch-metric-learning's in float64."""
-    centers = torch.nn.functional.normalize(torch.randn(5, 32), dim=1) * 4
+    """Late training: each class's rows are near-duplicates orthogonal to the other classes, so
+    each pair's loss is ~2e-8, below the fp32 resolution of the ratio pytorch-metric-learning
+    rounds (its fp32 loss is then 0 or 1e-7); fastcl's fp32 loss and gradient equal
+    pytorch-metric-learning's in float64 to a relative 1e-4."""
+    centers = torch.linalg.qr(torch.randn(32, 5))[0].T * 4
     labels = torch.arange(5).repeat_interleave(3)
-    embeddings = centers[labels] + 1e-4 * torch.randn(15, 32)
-    actual, expected = compare(lambda e: NTXentLoss(0.05)(e, labels),
-                               lambda e: pml.NTXentLoss(0.05)(e, labels), [embeddings],
-                               torch.float32, "near-duplicate NTXentLoss")
-    assert 0 < float(expected.detach()) < 1e-6
+    embeddings = (centers[labels] + 1e-4 * torch.randn(15, 32)).requires_grad_()
+    actual = NTXentLoss(0.05)(embeddings, labels)
+    truth = embeddings.detach().double().requires_grad_()
+    expected = pml.NTXentLoss(0.05)(truth, labels)
+    value, value64 = actual.item(), expected.item()
+    assert 0 < value64 < 1e-6
+    assert abs(value - value64) <= 1e-4 * value64
+    grad, = torch.autograd.grad(actual, embeddings)
+    grad64, = torch.autograd.grad(expected, truth)
+    assert float((grad.double() - grad64).abs().max()) <= 1e-4 * float(grad64.abs().max())
 
 
 def test_positive_pairs():
