@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 from fastcl import __version__
 from fastcl.data import CACHE_BYTES, CACHE_CHOICES, default_workers
 from fastcl.distributed import GATHERS
-from fastcl.methods import METHODS
+from fastcl.methods import METHODS, RING_METHODS
 from fastcl.models import BACKBONES
 from fastcl.optim import OPTIMIZERS
 
@@ -82,7 +82,7 @@ def _method_parser(sub, method_cls) -> argparse.ArgumentParser:
                      help="under torchrun, how the loss sees every rank's embeddings: all "
                           "(all-gathered, each rank holds them all) or ring (passed around the "
                           "ranks, each holds its own; "
-                          f"{', '.join(sorted(n for n, m in METHODS.items() if m.ring))}); "
+                          f"{', '.join(RING_METHODS)}); "
                           "default all")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
     hp = p.add_argument_group(f"{method_cls.name} hyper-parameters")

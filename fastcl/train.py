@@ -46,7 +46,7 @@ from fastcl import evaluate
 from fastcl.data import (CACHE_CHOICES, ImageData, ImageFiles, default_workers, epoch_batches,
                          load_data, steps_per_epoch)
 from fastcl.distributed import GATHERS, world
-from fastcl.methods import METHODS, get_method
+from fastcl.methods import RING_METHODS, get_method
 from fastcl.models import BACKBONES, build_backbone
 from fastcl.optim import OPTIMIZERS, build_optimizer, cosine_with_warmup, set_lr
 
@@ -122,9 +122,9 @@ class TrainConfig:
         _require("cache", cfg.cache, cfg.cache in CACHE_CHOICES, f"one of {CACHE_CHOICES}")
         _require("gather", cfg.gather, cfg.gather in GATHERS, f"one of {GATHERS}")
         if cfg.gather == "ring" and not method_cls.ring:
-            ring = sorted(name for name in METHODS if get_method(name).ring)
             raise ValueError(f"gather 'ring' is not available for {cfg.method}: its loss "
-                             f"all-gathers (pass --gather all); methods with a ring: {ring}")
+                             f"all-gathers (pass --gather all); methods with a ring: "
+                             f"{list(RING_METHODS)}")
         return cfg
 
 

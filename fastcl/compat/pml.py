@@ -21,7 +21,8 @@ from fastcl import _checks
 from fastcl._backend import accumulation_dtype
 from fastcl.losses.contrastive import _embed, _row_dot, supcon
 from fastcl.ops.contrastive import (
-    exact_softplus, gram_contrastive, gram_contrastive_backward)
+    exact_softplus, gram_contrastive, gram_contrastive_backward, gram_scale_grad,
+    negatives_lse_coefficients)
 
 
 def _is_default_distance(distance) -> bool:
@@ -130,9 +131,8 @@ def positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
 class _NegativesLSE(torch.autograd.Function):
     """u (M, D) unit rows, labels (M,) int64, scale () -> lse_neg (M,): log sum over the rows of
     another label of exp(scale <u_a, u_n>) (fp32; -inf without negatives). Backward runs
-    fastcl::gram_contrastive_backward with coefficients that weight the negatives by
-    grad_a softmax and the positives by 0 (1 / count = 0 and share = 1 make
-    (q - 1 / count) - q share vanish)."""
+    fastcl::gram_contrastive_backward with coefficients that weight the positives by 0
+    (negatives_lse_coefficients)."""
 
     @staticmethod
     def forward(ctx, u, labels, scale):
@@ -143,13 +143,8 @@ class _NegativesLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         u, labels, scale, stats = ctx.saved_tensors
-        lse_neg, lse_pos = stats[0], stats[1]
-        coef = torch.stack([grad.to(stats.dtype), lse_neg, lse_pos, torch.zeros_like(lse_neg),
-                            torch.ones_like(lse_neg)])
-        du = gram_contrastive_backward(u, labels, scale, coef)
-        dscale = None
-        if ctx.needs_input_grad[2]:  # as fastcl::gram_contrastive's: the logits are linear in scale
-            dscale = ((du * u.to(du.dtype)).sum() / (2 * scale.to(du.dtype))).to(scale.dtype)
+        du = gram_contrastive_backward(u, labels, scale, negatives_lse_coefficients(stats, grad))
+        dscale = gram_scale_grad(du, u, scale) if ctx.needs_input_grad[2] else None
         return du.to(u.dtype), None, dscale
 
 

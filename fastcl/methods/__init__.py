@@ -20,6 +20,8 @@ from fastcl.methods.triplet import Triplet
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, SwAV, MoCoV2, BYOL, MoCoV1, MoCoV3,
                                                       SimCLRv2, SimSiam, DINO, DINOv2, InstDisc,
                                                       InvaSpread, CPC, CMC, SupCon, Triplet)}
+# The methods whose loss takes gather="ring" (fastcl train --gather ring).
+RING_METHODS = tuple(sorted(name for name, m in METHODS.items() if m.ring))
 
 
 def get_method(name: str) -> type[Method]:
@@ -29,5 +31,5 @@ def get_method(name: str) -> type[Method]:
 
 
 __all__ = ["BYOL", "CMC", "CPC", "DINO", "DINOv2", "InstDisc", "InvaSpread", "METHODS", "Method", "MoCoV1",
-           "MoCoV2", "MoCoV3", "SimCLR", "SimCLRv2", "SimSiam", "SupCon", "SwAV", "Triplet",
+           "MoCoV2", "MoCoV3", "RING_METHODS", "SimCLR", "SimCLRv2", "SimSiam", "SupCon", "SwAV", "Triplet",
            "get_method"]

@@ -82,6 +82,21 @@ def backward_coefficients(stats: Tensor, grad: Tensor) -> Tensor:
     return torch.stack([grad.to(stats.dtype), lse, lse_pos, inv_count, share])
 
 
+def negatives_lse_coefficients(stats: Tensor, grad: Tensor) -> Tensor:
+    """stats (4, n), grad (n,) -> coef (5, n) giving the backward of sum_i grad_i lse_neg_i (the
+    log-sum-exp over the negatives alone): negatives weighted g exp(s - lse_neg), positives by
+    (q - 1 / count) - q share = 0 with 1 / count = 0 and share = 1."""
+    lse_neg, lse_pos = stats[0], stats[1]
+    return torch.stack([grad.to(stats.dtype), lse_neg, lse_pos, torch.zeros_like(lse_neg),
+                        torch.ones_like(lse_neg)])
+
+
+def gram_scale_grad(du: Tensor, u: Tensor, scale: Tensor) -> Tensor:
+    """d(loss)/d scale from a Gram backward's du (M, D): sum_i <du_i, u_i> / (2 scale), since the
+    logits are linear in scale and W + W^T is symmetric."""
+    return ((du * u.to(du.dtype)).sum() / (2 * scale.to(du.dtype))).to(scale.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # References: plain PyTorch, materialize the similarity matrix. The truth in tests.
 # ----------------------------------------------------------------------------------------------
@@ -235,11 +250,7 @@ def _gram_grad(ctx, grad, _grad_stats):
     if grad is None:
         grad = torch.zeros_like(stats[0])
     du = gram_contrastive_backward(u, labels, scale, backward_coefficients(stats, grad))
-    dscale = None
-    if ctx.needs_input_grad[2]:
-        # sum_i <du_i, u_i> = 2 scale * d(loss)/dscale: the logits are linear in scale, W + W^T
-        # is symmetric.
-        dscale = ((du * u.to(du.dtype)).sum() / (2 * scale.to(du.dtype))).to(scale.dtype)
+    dscale = gram_scale_grad(du, u, scale) if ctx.needs_input_grad[2] else None
     return du.to(u.dtype), None, dscale
 
 
